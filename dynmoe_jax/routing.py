@@ -1,0 +1,225 @@
+"""Routers: pure functions from router inputs to a `RouterOutput`.
+
+Shape letters: T tokens, D model width, E experts, K experts a token may use.
+Every router computes in at least float32 whatever the input dtype (bf16 routing
+decisions flip on ties and rounding), is safe under jit/vmap/grad, and returns
+`weights` that are exactly zero wherever `mask` is False.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-6
+
+
+@flax.struct.dataclass
+class RouterOutput:
+  """What every router returns.
+
+  Attributes:
+    mask: bool[T, E], token t is routed to expert e.
+    weights: float[T, E] (float32, or float64 under x64), combine weight of each routed pair; exactly 0 off `mask`.
+    scores: float[T, E], the router's per-pair confidence (softmax probability,
+      or sigmoid cosine score for top-any). Used as dispatch priority and by losses.
+    num_active: int32[T], experts each token is routed to (before capacity drops).
+  """
+  mask: jax.Array
+  weights: jax.Array
+  scores: jax.Array
+  num_active: jax.Array
+
+
+def upcast(x: jax.Array) -> jax.Array:
+  """At least float32: bf16/f16 inputs are promoted, float64 (x64 tests) is kept."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_logits(logits: jax.Array) -> jax.Array:
+  if logits.ndim != 2:
+    raise ValueError(f'router logits must be [tokens, experts], got shape {logits.shape}')
+  return upcast(logits)
+
+
+def _output(mask: jax.Array, weights: jax.Array, scores: jax.Array) -> RouterOutput:
+  weights = jnp.where(mask, weights, 0.0)
+  return RouterOutput(mask=mask, weights=weights, scores=scores,
+                      num_active=mask.sum(axis=-1, dtype=jnp.int32))
+
+
+def _mask_from_indices(indices: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+  """indices int[T, K], valid bool[T, K] -> bool[T, E]."""
+  one_hot = jax.nn.one_hot(indices, num_experts, dtype=jnp.bool_) & valid[..., None]
+  return one_hot.any(axis=-2)
+
+
+def top_k(logits: jax.Array, k: int, *, normalize: bool = True) -> RouterOutput:
+  """Switch (k=1) / GShard (k=2) routing: softmax, then the k most probable experts.
+
+  Args:
+    logits: [T, E] router logits.
+    k: experts per token, 1 <= k <= E (a Python int).
+    normalize: renormalise the kept probabilities to sum to 1 per token.
+  """
+  logits = _check_logits(logits)
+  num_experts = logits.shape[-1]
+  if not 1 <= k <= num_experts:
+    raise ValueError(f'top_k: k={k} must be in [1, num_experts={num_experts}]')
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_probs, top_idx = jax.lax.top_k(probs, k)
+  mask = _mask_from_indices(top_idx, jnp.ones_like(top_idx, jnp.bool_), num_experts)
+  weights = probs
+  if normalize:
+    weights = probs / (top_probs.sum(axis=-1, keepdims=True) + _EPS)
+  return _output(mask, weights, probs)
+
+
+def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOutput:
+  """Top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652).
+
+  Experts are taken in descending probability until their cumulative sum
+  reaches p: sorted expert j is kept iff cumsum_j - P_j <= p, so the expert
+  that crosses p is kept and the top-1 expert always is. Combine weights are the
+  raw softmax probabilities (not renormalised), as in the official code.
+
+  Args:
+    logits: [T, E].
+    p: threshold in (0, 1].
+    max_k: optional cap on experts per token.
+  """
+  logits = _check_logits(logits)
+  num_experts = logits.shape[-1]
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f'top_p: p={p} must be in (0, 1]')
+  if max_k is not None and not 1 <= max_k <= num_experts:
+    raise ValueError(f'top_p: max_k={max_k} must be in [1, num_experts={num_experts}]')
+  probs = jax.nn.softmax(logits, axis=-1)
+  sorted_probs, sorted_idx = jax.lax.top_k(probs, num_experts)
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep = mass_before <= p
+  keep = keep.at[:, 0].set(True)  # guards float round-off; top-1 is kept by definition
+  if max_k is not None:
+    keep = keep & (jnp.arange(num_experts) < max_k)
+  mask = _mask_from_indices(sorted_idx, keep, num_experts)
+  return _output(mask, probs, probs)
+
+
+def cosine_similarity(tokens: jax.Array, gate_embeddings: jax.Array) -> jax.Array:
+  """[T, D] x [E, D] -> [T, E] cosine similarities, in float32."""
+  tokens = upcast(tokens)
+  gate_embeddings = upcast(gate_embeddings)
+  tokens_n = tokens / (jnp.linalg.norm(tokens, axis=-1, keepdims=True) + _EPS)
+  gates_n = gate_embeddings / (jnp.linalg.norm(gate_embeddings, axis=-1, keepdims=True) + _EPS)
+  return tokens_n @ gates_n.T
+
+
+def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array, *,
+            scale: float = 1.0, training: bool = True) -> RouterOutput:
+  """DynMoE top-any gating (arXiv 2405.14297, official code).
+
+  s = sigmoid(scale * cos(x_t, W_e)), t_e = sigmoid(scale * G_e); expert e is
+  active for token t iff s > t_e. The gate value relu(s - t) goes through a
+  straight-through sign: forward 1 where active, backward d relu(s - t). Combine
+  weights are uniform over the K_t active experts (gate / max(K_t, 1)).
+
+  In training a token may activate no expert: it gets zero MoE output (the
+  residual carries it) and `num_active == 0` records it. In evaluation such a
+  token falls back to its top-1 expert by score, with weight 1.
+
+  Args:
+    tokens: [T, D] router inputs.
+    gate_embeddings: [E, D] learned gate embeddings W.
+    thresholds: [E] trainable thresholds G (pre-sigmoid).
+    scale: temperature applied to cosine similarity and thresholds.
+    training: selects the zero-expert behaviour described above (Python bool).
+  """
+  if tokens.ndim != 2 or gate_embeddings.ndim != 2:
+    raise ValueError(f'top_any: tokens [T, D] and gate_embeddings [E, D] expected, got '
+                     f'{tokens.shape} and {gate_embeddings.shape}')
+  num_experts, dim = gate_embeddings.shape
+  if tokens.shape[-1] != dim:
+    raise ValueError(f'top_any: token width {tokens.shape[-1]} != gate embedding width {dim}')
+  chex.assert_shape(thresholds, (num_experts,))
+  scores = jax.nn.sigmoid(scale * cosine_similarity(tokens, gate_embeddings))
+  expert_thresholds = jax.nn.sigmoid(scale * upcast(thresholds))
+  gate = jax.nn.relu(scores - expert_thresholds[None, :])
+  mask = gate > 0
+  gate_st = gate + jax.lax.stop_gradient(jnp.sign(gate) - gate)
+  num_active = mask.sum(axis=-1, keepdims=True)
+  weights = gate_st / jnp.maximum(num_active, 1).astype(gate_st.dtype)
+  if not training:
+    fallback = jax.nn.one_hot(jnp.argmax(scores, axis=-1), num_experts, dtype=jnp.bool_)
+    unrouted = num_active == 0
+    mask = jnp.where(unrouted, fallback, mask)
+    weights = jnp.where(unrouted, fallback.astype(weights.dtype), weights)
+  return _output(mask, weights, scores)
+
+
+def importance_to_k(importance: jax.Array, max_k: int) -> jax.Array:
+  """DA-MoE: K_t = clip(ceil(importance_t / max importance * max_k), 1, max_k).
+
+  The maximum is taken over the last axis (the sequence), so each sequence's
+  most important token gets `max_k` experts.
+
+  Args:
+    importance: float[..., S] non-negative token importance.
+    max_k: largest number of experts per token (Python int).
+  Returns: int32[..., S].
+  """
+  importance = upcast(importance)
+  peak = jnp.max(importance, axis=-1, keepdims=True)
+  ratio = importance / jnp.maximum(peak, _EPS)
+  return jnp.clip(jnp.ceil(ratio * max_k), 1, max_k).astype(jnp.int32)
+
+
+def adaptive_k(logits: jax.Array, k_per_token: jax.Array, max_k: int) -> RouterOutput:
+  """DA-MoE (arXiv 2409.06669): token t takes its top K_t experts, 1 <= K_t <= max_k.
+
+  Weights are the softmax probabilities renormalised over the chosen experts.
+  The paper ships no code; this follows its description (see DESIGN.md).
+
+  Args:
+    logits: [T, E].
+    k_per_token: int[T] experts per token (values are clipped into [1, max_k]).
+    max_k: static upper bound (Python int) <= E.
+  """
+  logits = _check_logits(logits)
+  num_tokens, num_experts = logits.shape
+  if not 1 <= max_k <= num_experts:
+    raise ValueError(f'adaptive_k: max_k={max_k} must be in [1, num_experts={num_experts}]')
+  chex.assert_shape(k_per_token, (num_tokens,))
+  k_per_token = jnp.clip(k_per_token, 1, max_k)
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_probs, top_idx = jax.lax.top_k(probs, max_k)
+  keep = jnp.arange(max_k)[None, :] < k_per_token[:, None]
+  mask = _mask_from_indices(top_idx, keep, num_experts)
+  kept_mass = jnp.where(keep, top_probs, 0.0).sum(axis=-1, keepdims=True)
+  return _output(mask, probs / (kept_mass + _EPS), probs)
+
+
+def expert_choice(logits: jax.Array, capacity: int) -> RouterOutput:
+  """Expert-choice routing (Zhou et al. 2022): each expert takes its `capacity`
+  highest-probability tokens. A token may get any number of experts, zero included.
+
+  Args:
+    logits: [T, E].
+    capacity: tokens per expert, 1 <= capacity <= T (Python int).
+  """
+  logits = _check_logits(logits)
+  num_tokens, num_experts = logits.shape
+  if not 1 <= capacity <= num_tokens:
+    raise ValueError(f'expert_choice: capacity={capacity} must be in [1, num_tokens={num_tokens}]')
+  probs = jax.nn.softmax(logits, axis=-1)
+  _, token_idx = jax.lax.top_k(probs.T, capacity)  # [E, C]
+  mask = _mask_from_indices(token_idx, jnp.ones_like(token_idx, jnp.bool_), num_tokens).T
+  return _output(mask, probs, probs)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+  """Tokens each expert takes in expert choice: ceil(capacity_factor * T / E), at most T."""
+  return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts)))

@@ -1,0 +1,208 @@
+"""The MoE linen module: oracle, gradients, static shapes, dtypes, errors."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from dynmoe_jax import layers
+
+B, S, D, F, E = 2, 12, 16, 24, 6
+ROUTERS = ['top_any', 'top_k', 'top_p', 'adaptive_k', 'expert_choice']
+
+
+def make_inputs(seed=0, dtype=jnp.float32):
+  rng = np.random.RandomState(seed)
+  x = jnp.asarray(rng.randn(B, S, D), dtype)
+  importance = jnp.asarray(rng.rand(B, S), jnp.float32)
+  return x, importance
+
+
+def build(router, impl='sort', **kw):
+  kw.setdefault('capacity_factor', 8.0)
+  kw.setdefault('eval_capacity_factor', 8.0)
+  return layers.MoE(num_experts=E, hidden_dim=F, router=router, dispatch_impl=impl, **kw)
+
+
+def init_apply(moe, x, importance, training=True, seed=0):
+  imp = importance if moe.router == 'adaptive_k' else None
+  variables = moe.init(jax.random.PRNGKey(seed), x, training=False, token_importance=imp)
+  y, aux = moe.apply(variables, x, training=training, token_importance=imp)
+  return variables, y, aux
+
+
+def loop_oracle(params, x, weights, activation=nn.gelu):
+  """Every expert as its own dense FFN in a Python loop, weighted by the router."""
+  tokens = np.asarray(x).reshape(-1, D)
+  out = np.zeros_like(tokens)
+  for e in range(E):
+    h = activation(tokens @ params['wi'][e])
+    out += np.asarray(weights)[:, e:e + 1] * np.asarray(h @ params['wo'][e])
+  return out.reshape(x.shape)
+
+
+class MoELayerTest(parameterized.TestCase):
+
+  @parameterized.product(router=ROUTERS, training=[True, False])
+  def test_output_shape_metrics_and_oracle(self, router, training):
+    x, importance = make_inputs()
+    moe = build(router)
+    variables, y, aux = init_apply(moe, x, importance, training)
+    chex.assert_shape(y, x.shape)
+    chex.assert_tree_all_finite((y, aux))
+    chex.assert_shape(aux.metrics['expert_load'], (E,))
+    chex.assert_shape(aux.record.unrouted_input_sum, (D,))
+    assert float(aux.metrics['dropped_fraction']) == 0.0
+    # recompute the router weights outside the layer and compare with the loop oracle
+    params = nn.meta.unbox(variables['params'])
+    route = _route_like_layer(moe, params, x, importance, training)
+    np.testing.assert_allclose(y, loop_oracle(params, x, route.weights), atol=2e-5, rtol=1e-4)
+    assert float(aux.metrics['active_experts']) == pytest.approx(
+        float(route.num_active.mean()), rel=1e-6)
+
+  @parameterized.product(router=ROUTERS)
+  def test_dispatch_impls_agree_without_drops(self, router):
+    x, importance = make_inputs(1)
+    outs = {}
+    for impl in layers.DISPATCH_IMPLS:
+      variables, y, aux = init_apply(build(router, impl), x, importance)
+      grads = jax.grad(lambda v: jnp.sum(
+          build(router, impl).apply(v, x, training=True,
+                                    token_importance=importance if router == 'adaptive_k'
+                                    else None)[0] ** 2))(variables)
+      outs[impl] = (y, grads)
+    for impl in layers.DISPATCH_IMPLS[1:]:
+      chex.assert_trees_all_close(outs[impl], outs['sort'], atol=1e-4, rtol=1e-4)
+
+  def test_top_any_zero_expert_tokens_get_zero_output_in_training(self):
+    x, importance = make_inputs(2)
+    moe = build('top_any')
+    variables = moe.init(jax.random.PRNGKey(0), x)
+    # thresholds so high that no token activates any expert
+    params = nn.meta.unbox(variables['params'])
+    params = {**params, 'thresholds': jnp.full((E,), 5.0)}
+    y, aux = moe.apply({'params': params}, x, training=True)
+    np.testing.assert_array_equal(y, np.zeros_like(y))
+    assert float(aux.metrics['unrouted_fraction']) == 1.0
+    assert int(aux.record.unrouted_count) == B * S
+    np.testing.assert_allclose(aux.record.unrouted_input_sum, x.reshape(-1, D).sum(0), rtol=1e-5)
+    y_eval, aux_eval = moe.apply({'params': params}, x, training=False)
+    assert float(aux_eval.metrics['active_experts']) == 1.0  # top-1 fallback
+    assert float(jnp.abs(y_eval).sum()) > 0
+
+  def test_gradients_match_finite_differences(self):
+    x, _ = make_inputs(3)
+    x = x[:, :4]
+    for router, wrt in (('top_k', None), ('top_p', None), ('top_any', ('wi', 'wo'))):
+      moe = build(router, activation='silu', glu=True, dtype=jnp.float64,
+                  param_dtype=jnp.float64)
+      with jax.enable_x64(True):
+        x64 = x.astype(jnp.float64)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                              nn.meta.unbox(moe.init(jax.random.PRNGKey(0), x64)['params']))
+        fixed = {k: v for k, v in params.items() if wrt is not None and k not in wrt}
+        free = {k: v for k, v in params.items() if k not in fixed}
+
+        def loss(free, x):
+          y, aux = moe.apply({'params': {**free, **fixed}}, x, training=True)
+          return jnp.sum(jnp.sin(y)) + aux.loss
+
+        # top-any's gradient w.r.t. router inputs is straight-through by design
+        # (tested in test_routing), so there only expert params are checked.
+        args = (free, x64) if wrt is None else (free,)
+        fn = loss if wrt is None else (lambda free: loss(free, x64))
+        jax.test_util.check_grads(fn, args, order=1, modes=['rev'], eps=1e-6,
+                                  atol=1e-5, rtol=1e-5)
+
+  def test_one_compilation_for_different_routing_patterns(self):
+    moe = build('top_any', capacity_factor=1.0)
+    x, _ = make_inputs()
+    variables = moe.init(jax.random.PRNGKey(0), x)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(v, x):
+      y, aux = moe.apply(v, x, training=True)
+      return y, aux.metrics['active_experts']
+
+    actives = set()
+    for seed in range(4):  # very different routing patterns, same shapes
+      xs = make_inputs(seed)[0] * (1.0 + 3 * seed) + seed
+      actives.add(round(float(step(variables, xs)[1]), 4))
+    assert len(actives) > 1
+
+  @parameterized.parameters('top_any', 'top_k')
+  def test_bf16(self, router):
+    x, importance = make_inputs(4)
+    moe32 = build(router)
+    moe16 = build(router, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    variables = moe32.init(jax.random.PRNGKey(0), x)
+    y32, _ = moe32.apply(variables, x, training=True)
+    v16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), nn.meta.unbox(variables))
+    y16, aux16 = moe16.apply(v16, x.astype(jnp.bfloat16), training=True)
+    assert y16.dtype == jnp.bfloat16
+    chex.assert_tree_all_finite(y16)
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.1, rtol=0.1)
+
+  def test_small_capacity_reports_drops(self):
+    x, _ = make_inputs(5)
+    _, _, aux = init_apply(build('top_k', k=2, capacity_factor=0.25, capacity_multiple_of=1),
+                           x, None)
+    assert 0.0 < float(aux.metrics['dropped_fraction']) < 1.0
+
+  def test_logical_axis_names_on_every_param(self):
+    x, _ = make_inputs()
+    for router in ('top_any', 'top_k'):
+      variables = build(router, glu=True).init(jax.random.PRNGKey(0), x)
+      boxes = jax.tree.leaves(variables['params'],
+                              is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned))
+      assert boxes and all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
+      for b in boxes:
+        assert 'expert' in b.names and len(b.names) == b.value.ndim
+
+  @parameterized.named_parameters(
+      ('k_too_large', dict(router='top_k', k=7), 'k=7'),
+      ('bad_p', dict(router='top_p', p=1.5), 'p=1.5'),
+      ('zero_p', dict(router='top_p', p=0.0), 'p=0.0'),
+      ('bad_capacity', dict(router='top_k', capacity_factor=0.0), 'capacity_factor'),
+      ('bad_eval_capacity', dict(router='top_k', eval_capacity_factor=-1.0), 'eval_capacity'),
+      ('unknown_router', dict(router='top_q'), "router='top_q'"),
+      ('unknown_dispatch', dict(router='top_k', impl='scatter'), "dispatch_impl='scatter'"),
+      ('bad_activation', dict(router='top_k', activation='tanhh'), 'activation'),
+      ('bad_max_k', dict(router='top_p', max_k=0), 'max_k=0'),
+  )
+  def test_bad_config_errors(self, kw, message):
+    x, _ = make_inputs()
+    with pytest.raises(ValueError, match=message):
+      build(**kw).init(jax.random.PRNGKey(0), x)
+
+  def test_wrong_last_dimension(self):
+    x, _ = make_inputs()
+    moe = build('top_k')
+    variables = moe.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match='last dimension 8'):
+      moe.apply(variables, x[..., :8])
+
+  def test_adaptive_k_requires_importance(self):
+    x, _ = make_inputs()
+    with pytest.raises(ValueError, match='token_importance'):
+      build('adaptive_k').init(jax.random.PRNGKey(0), x)
+
+
+def _route_like_layer(moe, params, x, importance, training):
+  from dynmoe_jax import routing
+  tokens = x.reshape(-1, D)
+  if moe.router == 'top_any':
+    return routing.top_any(tokens, params['gate_embeddings'], params['thresholds'],
+                           training=training)
+  logits = tokens @ params['router_kernel']
+  if moe.router == 'top_k':
+    return routing.top_k(logits, moe.k)
+  if moe.router == 'top_p':
+    return routing.top_p(logits, moe.p)
+  if moe.router == 'adaptive_k':
+    return routing.adaptive_k(logits, routing.importance_to_k(importance, moe.k).reshape(-1),
+                              moe.k)
+  return routing.expert_choice(logits, routing.expert_choice_capacity(B * S, E, moe.k))
