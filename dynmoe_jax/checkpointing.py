@@ -1,0 +1,77 @@
+"""Orbax checkpoints of the train state plus a JSON record of the model layout.
+
+Each step directory holds `state` (params, optimizer state, step, rng) and
+`meta` (expert layout per layer and the model-shape fields), so a restart
+rebuilds a model of the right shapes before restoring arrays into it. Orbax
+writes to a temporary directory and renames it when complete, so a run killed
+mid-save never leaves a step directory that `all_steps()` lists.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: Dict[str, Any]):
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int) -> Dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore_latest(self, abstract_state_fn: Callable[[Dict[str, Any]], Any]
+                     ) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+    """Restore the newest readable step; an unreadable one is reported (with its
+    path) and skipped, never deleted. `abstract_state_fn(meta)` gives the target
+    tree (shapes, dtypes, shardings) for that step's layout."""
+    for step in reversed(self.all_steps()):
+      path = os.path.join(self.directory, str(step))
+      try:
+        meta = self.read_meta(step)
+        target = abstract_state_fn(meta)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return step, restored['state'], meta
+      except ModelMismatchError:
+        raise
+      except Exception as e:  # corrupt, truncated or half-copied checkpoint
+        kept = self._set_aside(step)
+        log.warning('checkpoint %s is unreadable (%s: %s); falling back to the previous one. '
+                    'It was moved, not deleted, to %s.', path, type(e).__name__, e, kept)
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Move an unreadable step out of the manager's way (the resumed run will save
+    that step again) without deleting anything of the user's."""
+    aside = os.path.join(os.path.dirname(self.directory), 'unreadable_checkpoints')
+    os.makedirs(aside, exist_ok=True)
+    target = os.path.join(aside, f'{step}.{int(time.time())}')
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
+
+  def close(self):
+    self.manager.close()
+
+
+class ModelMismatchError(ValueError):
+  """The workdir holds a run of a different model shape than the config asks for."""

@@ -1,0 +1,195 @@
+"""From an ml_collections config to a model and an optimizer, and config validation.
+
+`validate(config)` runs before anything is traced or compiled and raises
+ConfigError with the dotted field name and the allowed values, so a typo costs
+a second, not a compile.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dynmoe_jax import layers
+from dynmoe_jax.data import pipeline
+from dynmoe_jax.models import transformer
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# Keys of config.model.moe that are layout, not MoE module fields.
+_LAYOUT_KEYS = ('num_experts', 'num_experts_per_layer')
+NEW_EXPERT_INITS = ('fresh', 'copy_nearest')
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _fail(field: str, value: Any, allowed: str):
+  raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def experts_layout(config) -> Tuple[int, ...]:
+  """Expert count per block (0 = dense) as the config asks for it."""
+  m = config.model
+  moe_layers = tuple(m.moe_layer_indices) if m.moe_layer_indices else m.moe_layers
+  per_layer = tuple(m.moe.num_experts_per_layer) or m.moe.num_experts
+  try:
+    return transformer.experts_per_layer(m.num_layers, moe_layers, per_layer)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from e
+
+
+def moe_kwargs(config) -> Dict[str, Any]:
+  kwargs = {k: v for k, v in config.model.moe.items() if k not in _LAYOUT_KEYS}
+  return kwargs
+
+
+def build_model(config, layout: Optional[Sequence[int]] = None) -> transformer.MoETransformer:
+  m = config.model
+  return transformer.MoETransformer(
+      task=m.task, stem=m.stem, num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads,
+      mlp_dim=m.mlp_dim, experts_per_layer=tuple(layout or experts_layout(config)),
+      moe=moe_kwargs(config), num_classes=m.num_classes, vocab_size=m.vocab_size,
+      max_len=m.max_len, pool=m.pool, stem_kernel=m.stem_kernel, stem_stride=m.stem_stride,
+      dropout=m.dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  o = config.optimizer
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=max(config.num_train_steps, o.warmup_steps + 1),
+      end_value=o.learning_rate * o.min_lr_ratio)
+
+
+def build_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  chain = []
+  if o.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  chain.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay))
+  return optax.chain(*chain)
+
+
+def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
+  """Check every field a run depends on; return the expert layout."""
+  def positive_int(field, value, allow_zero=False):
+    ok = isinstance(value, int) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0)
+    if not ok:
+      _fail(field, value, 'must be an int ' + ('>= 0' if allow_zero else '> 0'))
+
+  def one_of(field, value, allowed):
+    if value not in allowed:
+      _fail(field, value, f'must be one of {tuple(allowed)}')
+
+  def positive_float(field, value):
+    if not isinstance(value, (int, float)) or value <= 0:
+      _fail(field, value, 'must be a number > 0')
+
+  positive_int('num_train_steps', config.num_train_steps)
+  positive_int('batch_size', config.batch_size)
+  positive_int('eval_batch_size', config.eval_batch_size)
+  for name in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
+    positive_int(name, config[name])
+
+  d = config.data
+  one_of('data.kind', d.kind, pipeline.KINDS)
+  positive_int('data.seq_len', d.seq_len)
+  positive_int('data.augment_shift', d.augment_shift, allow_zero=True)
+
+  m = config.model
+  one_of('model.task', m.task, transformer.TASKS)
+  one_of('model.stem', m.stem, transformer.STEMS)
+  one_of('model.pool', m.pool, transformer.POOLS)
+  one_of('model.dtype', m.dtype, DTYPES)
+  one_of('model.param_dtype', m.param_dtype, DTYPES)
+  for name in ('num_layers', 'dim', 'num_heads', 'mlp_dim', 'num_classes', 'vocab_size',
+               'max_len', 'stem_kernel', 'stem_stride'):
+    positive_int(f'model.{name}', m[name])
+  if m.dim % m.num_heads:
+    _fail('model.num_heads', m.num_heads, f'must divide model.dim={m.dim}')
+  if not 0.0 <= m.dropout < 1.0:
+    _fail('model.dropout', m.dropout, 'must be in [0, 1)')
+  if (m.task == 'lm') != (d.kind == 'lm'):
+    _fail('model.task', m.task, f"'lm' goes with data.kind='lm' (data.kind={d.kind!r})")
+
+  moe = m.moe
+  one_of('model.moe.router', moe.router, layers.ROUTERS)
+  one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
+  one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
+  one_of('model.moe.priority', moe.priority, ('score', 'index'))
+  positive_int('model.moe.hidden_dim', moe.hidden_dim)
+  positive_int('model.moe.k', moe.k)
+  positive_float('model.moe.capacity_factor', moe.capacity_factor)
+  positive_float('model.moe.eval_capacity_factor', moe.eval_capacity_factor)
+  positive_int('model.moe.capacity_multiple_of', moe.capacity_multiple_of)
+  if not (isinstance(moe.p, (int, float)) and 0.0 < moe.p <= 1.0):
+    _fail('model.moe.p', moe.p, 'must be in (0, 1]')
+  if moe.expected_k is not None:
+    positive_float('model.moe.expected_k', moe.expected_k)
+  for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',
+               'z_loss_weight', 'entropy_weight'):
+    if moe[name] < 0:
+      _fail(f'model.moe.{name}', moe[name], 'must be >= 0')
+  layout = experts_layout(config)
+  for i, n in enumerate(layout):
+    if not n:
+      continue
+    if moe.router in ('top_k', 'expert_choice') and moe.k > n:
+      _fail('model.moe.k', moe.k, f'must be <= the {n} experts of layer {i} '
+            f'(router={moe.router!r})')
+    if moe.max_k is not None and not 1 <= moe.max_k <= n:
+      _fail('model.moe.max_k', moe.max_k, f'must be in [1, {n}] (experts of layer {i})')
+    if moe.router == 'adaptive_k' and moe.max_k is None and moe.k > n:
+      _fail('model.moe.k', moe.k, f'(max_k of adaptive_k) must be <= {n} experts of layer {i}')
+
+  o = config.optimizer
+  positive_float('optimizer.learning_rate', o.learning_rate)
+  positive_int('optimizer.warmup_steps', o.warmup_steps, allow_zero=True)
+  if o.weight_decay < 0:
+    _fail('optimizer.weight_decay', o.weight_decay, 'must be >= 0')
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    _fail('optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
+
+  a = config.adaptive
+  if a.enabled:
+    positive_int('adaptive.every', a.every)
+    positive_int('adaptive.record_steps', a.record_steps)
+    if a.record_steps > a.every:
+      _fail('adaptive.record_steps', a.record_steps, f'must be <= adaptive.every={a.every}')
+    positive_int('adaptive.min_experts', a.min_experts)
+    positive_int('adaptive.max_experts', a.max_experts)
+    if a.min_experts > a.max_experts:
+      _fail('adaptive.min_experts', a.min_experts,
+            f'must be <= adaptive.max_experts={a.max_experts}')
+    one_of('adaptive.new_expert_init', a.new_expert_init, NEW_EXPERT_INITS)
+    counts = [n for n in layout if n]
+    if not counts:
+      _fail('adaptive.enabled', True, 'needs at least one MoE layer (model.moe_layers)')
+    bad = [n for n in counts if not a.min_experts <= n <= a.max_experts]
+    if bad:
+      _fail('model.moe.num_experts', counts,
+            f'must lie in [adaptive.min_experts={a.min_experts}, '
+            f'adaptive.max_experts={a.max_experts}]')
+
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  from dynmoe_jax import sharding  # local: sharding imports nothing of ours
+  try:
+    shape = sharding.mesh_shape(config.mesh.data, config.mesh.expert, config.mesh.model,
+                                num_devices)
+  except ValueError as e:
+    raise ConfigError(f'config.mesh: {e}') from e
+  data_parallel = shape[0] * shape[1]
+  if config.batch_size % data_parallel:
+    _fail('batch_size', config.batch_size,
+          f'must be divisible by mesh.data*mesh.expert={data_parallel}')
+  return layout
+
+
+def to_dict(config) -> Dict[str, Any]:
+  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)

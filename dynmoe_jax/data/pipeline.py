@@ -1,0 +1,140 @@
+"""tfds array_record sources fed by grain, with exact, index-based resume.
+
+Batch `s` of the training stream is a pure function of (seed, s, process): the
+grain MapDataset is shuffled per epoch with `seed + epoch`, repeated, batched,
+and read by index. A resumed run asks for batch `s` and gets what an
+uninterrupted run got; no iterator state needs checkpointing.
+
+Local builders (`mnist1d`, `bytes_corpus`) are generated here on first use.
+Any other tfds name (`cifar10`, `glue/sst2`, `lm1b`, ...) is read from the
+user's data dir in array_record format; if it is missing the error says how to
+prepare it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from typing import Callable, Dict, Iterator, Optional
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dynmoe_jax.data import mnist1d_builder, text_builder
+
+# Importing the builder modules registers them with tfds under these names.
+LOCAL_BUILDERS = {'mnist1d': mnist1d_builder.Mnist1d, 'bytes_corpus': text_builder.BytesCorpus}
+KINDS = ('signal', 'image', 'text', 'lm')
+
+Batch = Dict[str, np.ndarray]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  pass
+
+
+def default_data_dir() -> str:
+  return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """Serialises preparation across local processes (multi-process tests, hosts sharing NFS)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def get_source(name: str, split: str, data_dir: Optional[str] = None):
+  """A random-access tfds data source for `name`/`split`."""
+  data_dir = data_dir or default_data_dir()
+  if name.split('/')[0] in LOCAL_BUILDERS:
+    with _file_lock(os.path.join(data_dir, f'.{name.replace("/", "_")}.lock')):
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+      if not builder.is_prepared():
+        builder.download_and_prepare(file_format='array_record')
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises several types for a missing or tfrecord-only dataset
+    raise DatasetNotFoundError(
+        f"tfds dataset {name!r} (split {split!r}) is not readable from {data_dir} as "
+        f"array_record ({type(e).__name__}: {e}). Prepare it once where it can be downloaded "
+        f"with `tfds build {name} --file_format=array_record --data_dir={data_dir}` (or "
+        f"builder.download_and_prepare(file_format='array_record')), then copy the directory "
+        f"here or pass --config.data.data_dir.") from e
+
+
+def make_preprocess(kind: str, input_key: str, label_key: Optional[str], seq_len: int
+                    ) -> Callable[[dict], dict]:
+  """Feature dict -> {'inputs': ..., 'labels': ...} of fixed shapes."""
+  if kind not in KINDS:
+    raise ValueError(f'data.kind={kind!r} is not one of {KINDS}')
+
+  def to_bytes(value):
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+      return value
+    if isinstance(value, str):
+      value = value.encode('utf-8')
+    return np.frombuffer(bytes(value), np.uint8)
+
+  def fixed_length(ids, length):
+    out = np.zeros((length,), np.int32)
+    out[:min(length, len(ids))] = ids[:length]
+    return out
+
+  def preprocess(features):
+    value = features[input_key]
+    if kind == 'signal':
+      inputs = np.asarray(value, np.float32)
+    elif kind == 'image':
+      inputs = np.asarray(value, np.float32) / 255.0
+    elif kind == 'text':  # byte ids shifted by one so 0 is padding
+      inputs = fixed_length(to_bytes(value).astype(np.int32) + 1, seq_len)
+    else:  # lm: seq_len + 1 byte ids (+1, 0 = padding), inputs and targets come from it
+      inputs = fixed_length(to_bytes(value).astype(np.int32) + 1, seq_len + 1)
+    out = {'inputs': inputs}
+    if label_key is not None and kind != 'lm':
+      out['labels'] = np.asarray(features[label_key], np.int32)
+    return out
+
+  return preprocess
+
+
+class TrainStream:
+  """Infinite, per-process shard of shuffled training batches, read by step."""
+
+  def __init__(self, source, preprocess, global_batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    if global_batch_size % process_count:
+      raise ValueError(f'batch_size={global_batch_size} is not divisible by the '
+                       f'{process_count} processes')
+    self.per_process_batch = global_batch_size // process_count
+    shard = grain.MapDataset.source(source)[process_index::process_count]
+    if len(shard) < self.per_process_batch:
+      raise ValueError(f'the training split has {len(shard)} examples per process, fewer than '
+                       f'one batch of {self.per_process_batch}')
+    self.examples_per_epoch = len(shard)
+    self._batches = (shard.shuffle(seed=seed).repeat().map(preprocess)
+                     .batch(self.per_process_batch, drop_remainder=True))
+
+  def batch(self, step: int) -> Batch:
+    return self._batches[step]
+
+
+def eval_batches(source, preprocess, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+  """One pass over this process's shard; the last batch is padded and carries
+  `mask` (1 for real examples) so every batch has the same shape."""
+  shard = grain.MapDataset.source(source)[process_index::process_count].map(preprocess)
+  for start in range(0, len(shard), batch_size):
+    examples = [shard[i] for i in range(start, min(start + batch_size, len(shard)))]
+    real = len(examples)
+    examples += [examples[-1]] * (batch_size - real)
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch['mask'] = (np.arange(batch_size) < real).astype(np.float32)
+    yield batch

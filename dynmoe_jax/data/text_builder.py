@@ -1,0 +1,71 @@
+"""Byte-level LM corpus from local text files, as a tfds builder.
+
+Default corpus: the `.py` sources of the running Python's standard library
+(`sysconfig.get_paths()['stdlib']`), present on every machine with Python and
+readable offline. Files are sorted by path, a file goes to 'test' when
+crc32(relative path) % 20 == 0 (about 5%), else to 'train', and each split is cut
+into non-overlapping chunks of CHUNK_BYTES bytes. Because the corpus is the local
+standard library, its exact bytes follow the Python version (3.11.7 here);
+the dataset's version records that. Set DYNMOE_TEXT_DIR to use another
+directory of text files (every `*.txt` and `*.py` below it).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import sysconfig
+import zlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+CHUNK_BYTES = 257  # 256 inputs + 1 shifted target
+MAX_CORPUS_BYTES = 8 * 2**20
+
+
+def corpus_root() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('DYNMOE_TEXT_DIR') or sysconfig.get_paths()['stdlib'])
+
+
+def corpus_files(root: pathlib.Path):
+  patterns = ('*.py', '*.txt')
+  files = sorted({p for pat in patterns for p in root.rglob(pat)
+                  if 'site-packages' not in p.parts and p.is_file()})
+  if not files:
+    raise FileNotFoundError(f'text corpus: no *.py or *.txt files under {root}')
+  return files
+
+
+class BytesCorpus(tfds.core.GeneratorBasedBuilder):
+  """Byte chunks of local text (default: the Python standard library sources)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': f'Python {sys.version_info.major}.{sys.version_info.minor} stdlib, '
+                            f'{CHUNK_BYTES}-byte chunks, at most {MAX_CORPUS_BYTES} bytes.'}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'bytes': tfds.features.Tensor(shape=(CHUNK_BYTES,), dtype=np.uint8)}),
+        description=__doc__)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    root = corpus_root()
+    train, test = [], []
+    total = 0
+    for path in corpus_files(root):
+      data = path.read_bytes()
+      if total + len(data) > MAX_CORPUS_BYTES:
+        break
+      total += len(data)
+      rel = str(path.relative_to(root)).encode()
+      (test if zlib.crc32(rel) % 20 == 0 else train).append(data)
+    return {'train': self._generate_examples(b''.join(train)),
+            'test': self._generate_examples(b''.join(test))}
+
+  def _generate_examples(self, blob: bytes):
+    array = np.frombuffer(blob, np.uint8)
+    for i in range(len(array) // CHUNK_BYTES):
+      yield i, {'bytes': array[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES].copy()}

@@ -1,0 +1,140 @@
+"""Every config field with its default. Files under configs/ start from
+`base_config()` and override; `--config.a.b=value` overrides either. Nothing the
+trainer reads has a default anywhere else."""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 3000
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.skip_nonfinite_updates = False     # True: skip a step whose loss/grads are not finite
+  c.dropped_fraction_warning = 0.2     # warn when capacity drops exceed this fraction
+  c.progress_bar = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'mnist1d'              # any tfds name prepared as array_record
+  c.data.data_dir = placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.kind = 'signal'               # signal | image | text | lm
+  c.data.input_key = 'signal'
+  c.data.label_key = 'label'
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.seq_len = 40                  # text / lm sequence length
+  c.data.augment_shift = 0             # signals: random shift by up to this many samples
+
+  c.model = ml_collections.ConfigDict()
+  c.model.task = 'classify'            # classify | lm
+  c.model.stem = 'conv1d'              # conv1d | patch | embed
+  c.model.stem_kernel = 5
+  c.model.stem_stride = 1              # conv1d: token stride; patch: patch size
+  c.model.num_layers = 4
+  c.model.dim = 64
+  c.model.num_heads = 4
+  c.model.mlp_dim = 128                # dense FFN hidden width
+  c.model.dropout = 0.0
+  c.model.pool = 'mean'                # mean | cls
+  c.model.num_classes = 10
+  c.model.vocab_size = 257             # bytes + padding id 0
+  c.model.max_len = 64
+  c.model.dtype = 'float32'
+  c.model.param_dtype = 'float32'
+  c.model.moe_layers = 'every_other'   # all | every_other | none
+  c.model.moe_layer_indices = ()       # explicit block indices; overrides moe_layers
+
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.num_experts = 8
+  c.model.moe.num_experts_per_layer = ()  # one count per MoE block; overrides num_experts
+  c.model.moe.hidden_dim = 64
+  c.model.moe.router = 'top_any'       # top_any | top_k | top_p | adaptive_k | expert_choice
+  c.model.moe.k = 2
+  c.model.moe.p = 0.4
+  c.model.moe.max_k = placeholder(int)
+  c.model.moe.expected_k = placeholder(float)
+  c.model.moe.capacity_factor = 2.0
+  c.model.moe.eval_capacity_factor = 4.0
+  c.model.moe.capacity_multiple_of = 8
+  c.model.moe.dispatch_impl = 'sort'   # sort | einsum | ragged | all_experts
+  c.model.moe.priority = 'score'
+  c.model.moe.activation = 'gelu'
+  c.model.moe.glu = False
+  c.model.moe.normalize_top_k = True
+  c.model.moe.top_any_scale = 1.0
+  c.model.moe.diversity_weight = 0.01
+  c.model.moe.simplicity_weight = 0.01
+  c.model.moe.load_balance_weight = 0.01
+  c.model.moe.z_loss_weight = 1e-3
+  c.model.moe.entropy_weight = 1e-4
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.min_lr_ratio = 0.0
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                     # -1: the devices left over
+  c.mesh.expert = 1
+  c.mesh.model = 1
+
+  c.adaptive = ml_collections.ConfigDict()
+  c.adaptive.enabled = False
+  c.adaptive.every = 500               # steps between add/remove boundaries
+  c.adaptive.record_steps = 100        # routing window recorded before each boundary
+  c.adaptive.min_experts = 1
+  c.adaptive.max_experts = 16
+  c.adaptive.new_expert_init = 'fresh'  # fresh | copy_nearest
+  return c
+
+
+def mnist1d_config(router: str = 'top_any') -> ml_collections.ConfigDict:
+  """The MNIST-1D job of configs/mnist1d_*.py: 4 pre-LN blocks of width 64 over a
+  stride-2 conv stem (20 tokens per signal); blocks 1 and 3 are MoE with 8
+  experts of hidden 64 (dense blocks: hidden 128, the width top-2 activates);
+  random shifts of up to 5 samples augment the training signals."""
+  c = base_config()
+  c.num_train_steps = 2000
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.data.augment_shift = 5
+  c.model.stem_stride = 2
+  c.model.mlp_dim = 128
+  c.model.moe.router = router
+  c.model.moe.num_experts = 8
+  c.model.moe.hidden_dim = 64
+  return c
+
+
+def lm_config(router: str = 'top_any') -> ml_collections.ConfigDict:
+  """Byte-level causal LM on the local Python standard library sources."""
+  c = base_config()
+  c.num_train_steps = 2000
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.data.name = 'bytes_corpus'
+  c.data.kind = 'lm'
+  c.data.input_key = 'bytes'
+  c.data.label_key = ''
+  c.data.eval_split = 'test[:2048]'
+  c.data.seq_len = 128
+  c.model.task = 'lm'
+  c.model.stem = 'embed'
+  c.model.max_len = 128
+  c.model.mlp_dim = 128
+  c.model.moe.router = router
+  c.model.moe.num_experts = 8
+  c.model.moe.hidden_dim = 64
+  return c

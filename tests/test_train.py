@@ -1,0 +1,128 @@
+"""End-to-end training on CPU with the tiny config: learning, checkpoints, exact resume."""
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dynmoe_jax import plots, train
+from tests.conftest import load_config, run_main
+
+
+def metrics_rows(workdir, split='train'):
+  return [r for r in plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if r['split'] == split]
+
+
+def comparable(rows):
+  return [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in rows]
+
+
+class Crash(RuntimeError):
+  pass
+
+
+@pytest.mark.parametrize('router', ['top_any', 'top_k'])
+def test_tiny_trains_and_loss_falls(tmp_path, router):
+  config = load_config('tiny', router)
+  config.num_train_steps = 100
+  config.log_every = 10
+  config.eval_every = 100
+  config.checkpoint_every = 50
+  config.optimizer.learning_rate = 3e-3
+  result = train.Trainer(config, str(tmp_path)).run()
+  rows = metrics_rows(tmp_path)
+  assert result['status'] == 'completed' and result['step'] == 100
+  assert rows[-1]['loss'] < rows[0]['loss'] - 0.2, [r['loss'] for r in rows]
+  assert result['eval']['accuracy'] > 0.3  # 10 classes; chance is 0.1
+  for key in ('moe/layer_1/active_experts', 'moe/layer_1/dropped_fraction',
+              'moe/layer_1/expert_load', 'steps_per_sec', 'accuracy'):
+    assert key in rows[-1]
+  assert len(rows[-1]['moe/layer_1/expert_load']) == 4
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['100', '50']
+  assert {'loss_accuracy.png', 'active_experts.png', 'expert_load.png'} <= set(
+      os.listdir(tmp_path / 'plots'))
+  assert os.listdir(tmp_path / 'tensorboard')
+
+
+def test_save_restore_gives_identical_state(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 10
+  trainer = train.Trainer(tiny_config, str(tmp_path))
+  trainer.run()
+  restored = train.Trainer(tiny_config, str(tmp_path)).restore_or_init()
+  chex.assert_trees_all_equal(jax.device_get(trainer.state), jax.device_get(restored))
+  assert int(restored.step) == 10
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_config):
+  straight = tmp_path / 'straight'
+  resumed = tmp_path / 'resumed'
+  reference = train.Trainer(tiny_config, str(straight))
+  reference.run()
+
+  def crash_after_checkpoint(trainer, step):
+    if step == 13:  # checkpoint at 10; steps 11-13 are lost and must be redone identically
+      raise Crash()
+
+  with pytest.raises(Crash):
+    train.Trainer(tiny_config, str(resumed), on_step=crash_after_checkpoint).run()
+  again = train.Trainer(tiny_config, str(resumed))
+  again.run()
+  chex.assert_trees_all_equal(jax.device_get(reference.state), jax.device_get(again.state))
+  assert comparable(metrics_rows(straight)) == comparable(metrics_rows(resumed))
+  assert metrics_rows(straight, 'eval') == metrics_rows(resumed, 'eval')
+
+
+def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 10
+  train.Trainer(tiny_config, str(tmp_path)).run()
+  before = (tmp_path / 'metrics.jsonl').read_text()
+  result = train.Trainer(tiny_config, str(tmp_path)).run()
+  assert result['step'] == 10
+  assert (tmp_path / 'metrics.jsonl').read_text() == before
+
+
+def test_workdir_of_a_different_model_is_refused(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 5
+  tiny_config.checkpoint_every = 5
+  train.Trainer(tiny_config, str(tmp_path)).run()
+  tiny_config.model.dim = 48
+  with pytest.raises(ValueError, match=r"different model \(fields differ: \['dim'\]\)"):
+    train.Trainer(tiny_config, str(tmp_path)).run()
+  tiny_config.model.dim = 32
+  tiny_config.model.moe.num_experts = 3
+  with pytest.raises(ValueError, match=r'experts_per_layer=\[0, 4\]'):
+    train.Trainer(tiny_config, str(tmp_path)).run()
+
+
+def test_command_line_overrides_reach_the_model(tmp_path):
+  proc = run_main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
+                   '--config.num_train_steps=2', '--config.model.moe.router=top_k',
+                   '--config.model.moe.num_experts=3', '--config.model.moe.k=1',
+                   '--config.model.moe_layers=all'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout[proc.stdout.index('{'):])
+  assert result['experts_per_layer'] == [3, 3]
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['model']['moe']['router'] == 'top_k'
+  rows = metrics_rows(tmp_path)
+  assert 'moe/layer_0/load_balance' in rows[-1]  # top-k's loss, not top-any's diversity
+  assert len(rows[-1]['moe/layer_0/expert_load']) == 3
+
+
+def test_bad_config_fails_before_compilation_naming_the_field(tmp_path):
+  proc = run_main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
+                   '--config.model.moe.k=9', '--config.model.moe.router=top_k'], timeout=120)
+  assert proc.returncode != 0
+  assert 'config.model.moe.k=9' in proc.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_lm_config_trains(tmp_path):
+  config = load_config('lm_tiny')
+  result = train.Trainer(config, str(tmp_path)).run()
+  rows = metrics_rows(tmp_path)
+  assert np.isfinite(result['eval']['bits_per_byte'])
+  assert rows[-1]['loss'] < rows[0]['loss']
