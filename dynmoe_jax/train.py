@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynmoe_jax import checkpointing, config_lib, plots, sharding
+from dynmoe_jax import adaptive, checkpointing, config_lib, layers, plots, sharding
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.models import transformer
 
@@ -193,6 +193,7 @@ class Compiled:
   model: transformer.MoETransformer
   shardings: Any
   abstract_state: Any  # ShapeDtypeStructs with shardings: the restore target
+  expert_axes: Dict[Tuple[str, ...], int]
   train_step: Callable
   eval_step: Callable
 
@@ -209,6 +210,7 @@ class Trainer:
     self.tx = config_lib.build_optimizer(config)
     self.on_step = on_step  # test hook: called with (trainer, step) after every step
     self._stop_requested = False
+    self.records: Dict[str, adaptive.RecordAccumulator] = {}
     os.makedirs(self.workdir, exist_ok=True)
 
     d = config.data
@@ -235,12 +237,19 @@ class Trainer:
     example = self.stream.batch(0)
     batch_shardings = {k: batch_shard(v) for k, v in example.items()}
     eval_shardings = {**batch_shardings, 'mask': batch_shard(np.zeros(1))}
-    train_step = jax.jit(make_train_step(model, self.tx, self.config),
-                         in_shardings=(shardings, batch_shardings),
-                         out_shardings=(shardings, None, None), donate_argnums=(0,))
+    abstract_batch = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + v.shape[1:], v.dtype,
+                                              sharding=batch_shardings[k])
+                      for k, v in example.items()}
+    # Compiled ahead of time so that the cost of a new layout is paid (and timed) here.
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      train_step = jax.jit(make_train_step(model, self.tx, self.config),
+                           in_shardings=(shardings, batch_shardings),
+                           out_shardings=(shardings, None, None), donate_argnums=(0,)
+                           ).lower(abstract_state, abstract_batch).compile()
     eval_step = jax.jit(make_eval_step(model, self.config),
                         in_shardings=(shardings.params, eval_shardings))
-    return Compiled(layout, model, shardings, abstract_state, train_step, eval_step)
+    return Compiled(layout, model, shardings, abstract_state,
+                    adaptive.expert_axes(boxed.params), train_step, eval_step)
 
   def _init_boxed(self, model):
     sample = jnp.asarray(self.sample_inputs)
@@ -262,6 +271,7 @@ class Trainer:
 
   def meta(self, layout) -> Dict[str, Any]:
     return {'experts_per_layer': list(layout), 'model': model_signature(self.config),
+            'routing_records': {k: v.to_json() for k, v in self.records.items()},
             'config': json.loads(self.config.to_json_best_effort())}
 
   def _abstract_for(self, meta) -> Any:
@@ -282,8 +292,11 @@ class Trainer:
   def restore_or_init(self) -> TrainState:
     restored = self.checkpointer.restore_latest(self._abstract_for)
     if restored is not None:
-      step, state, _ = restored
-      log.info('resumed from %s/checkpoints/%d', self.workdir, step)
+      step, state, meta = restored
+      self.records = {k: adaptive.RecordAccumulator.from_json(v)
+                      for k, v in meta.get('routing_records', {}).items()}
+      log.info('resumed from %s/checkpoints/%d (experts per layer %s)', self.workdir, step,
+               list(self.compiled.layout))
       self._truncate_logs(step)
       return state
     self.compiled = self._compile(self.layout)
@@ -409,9 +422,11 @@ class Trainer:
       while step < config.num_train_steps:
         batch = self._device_batch(pending.result())
         pending = prefetch.submit(self.stream.batch, step + 1)
-        state, metrics, _ = self.compiled.train_step(state, batch)
+        state, metrics, records = self.compiled.train_step(state, batch)
         step += 1
         self._check_finite(step, metrics)
+        if self._recording(step):
+          self._accumulate(records)
         window.append(metrics)
         bar.update(1)
         last = step == config.num_train_steps
@@ -425,7 +440,10 @@ class Trainer:
           self._write(eval_row)
           log.info('eval step %d: %s', step, {k: round(v, 4) for k, v in eval_row.items()
                                               if isinstance(v, float)})
-        if step % config.checkpoint_every == 0 or last or self._stop_requested:
+        boundary = config.adaptive.enabled and step % config.adaptive.every == 0 and not last
+        if boundary:
+          state = self.adapt(state, step)
+        if step % config.checkpoint_every == 0 or last or boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
         if self.on_step is not None:
           self.on_step(self, step)
@@ -439,6 +457,68 @@ class Trainer:
       plots.write_plots(self.workdir)
     return {'status': status, 'step': step, 'eval': eval_row,
             'experts_per_layer': list(self.compiled.layout)}
+
+  # -- adaptive experts -----------------------------------------------------------------
+
+  def _recording(self, step: int) -> bool:
+    a = self.config.adaptive
+    if not a.enabled:
+      return False
+    into_window = (step - 1) % a.every + 1  # 1..every
+    return into_window > a.every - a.record_steps
+
+  def _accumulate(self, records):
+    for name, record in jax.device_get(records).items():
+      if name not in self.records:
+        self.records[name] = adaptive.RecordAccumulator.empty(
+            record.tokens_per_expert.shape[0], record.unrouted_input_sum.shape[0])
+      self.records[name].add(record)
+
+  def adapt(self, state: TrainState, step: int) -> TrainState:
+    """Plan from the recorded window, reallocate params and optimizer state, recompile."""
+    a = self.config.adaptive
+    start = time.perf_counter()
+    host = jax.device_get(state)
+    layout = self.compiled.layout
+    plans = {}
+    for index, name in enumerate(transformer.moe_layer_names(layout)):
+      record = self.records.get(name)
+      if record is None or not record.steps:
+        continue
+      module = (name, 'moe')
+      moe_axes = {path[-1]: axis for path, axis in self.compiled.expert_axes.items()
+                  if path[:-1] == module}
+      moe = layers.MoE(num_experts=layout[int(name.split('_')[-1])],
+                       **config_lib.moe_kwargs(self.config))
+      rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step),
+                               index)
+      plans[module] = adaptive.plan_layer(
+          record, host.params[name]['moe'], moe_axes, moe, min_experts=a.min_experts,
+          max_experts=a.max_experts, new_expert_init=a.new_expert_init, rng=rng)
+    self.records = {}
+    plan = adaptive.ResizePlan(plans, self.compiled.expert_axes)
+    if plan.is_noop:
+      return state
+    params, opt_state = adaptive.resize(host.params, host.opt_state, plan)
+    new_layout = adaptive.new_layout(layout, plan)
+    planned = time.perf_counter()
+    self.compiled = self._compile(new_layout)
+    state = jax.device_put(host.replace(params=params, opt_state=opt_state),
+                           self.compiled.shardings)
+    seconds = time.perf_counter() - start
+    log.info('step %d: experts per layer %s -> %s; adaptation took %.2fs (plan + reallocate '
+             '%.2fs, recompile %.2fs)', step, list(layout), list(new_layout), seconds,
+             planned - start, seconds - (planned - start))
+    if self.is_main:
+      with open(os.path.join(self.workdir, 'adaptation.jsonl'), 'a') as f:
+        for (name, _), layer_plan in plans.items():
+          if layer_plan.is_noop:
+            continue
+          f.write(json.dumps({
+              'step': step, 'layer': name, 'added': layer_plan.num_new,
+              'removed': list(layer_plan.removed), 'experts_before': layer_plan.old_count,
+              'experts_after': layer_plan.new_count, 'seconds': seconds}) + '\n')
+    return state
 
   def _postfix(self, row):
     out = {'loss': f"{row['loss']:.3f}"}

@@ -1,0 +1,223 @@
+"""DynMoE adaptive experts: routing records, add/remove plans, and reallocation of
+the parameter pytree and optimizer state to the new expert counts.
+
+Unlike the reference (max_expert_num preallocated slots, a mask, stale Adam
+moments on reused slots), experts really are added and removed: every array
+with an expert axis is rebuilt at the new size. Expert axes are found from the
+parameters' logical axis names ('expert'), so this works for any router and any
+optax chain whose per-parameter state mirrors the params tree.
+
+Flow, per MoE layer, at a boundary:
+  records (summed over a window) -> plan_layer -> ResizePlan -> resize(params, opt_state, plan)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynmoe_jax import layers as layers_lib
+
+Path = Tuple[str, ...]
+ROUTER_PARAMS = ('gate_embeddings', 'thresholds', 'router_kernel')
+
+
+@dataclasses.dataclass
+class RecordAccumulator:
+  """Host-side sum of one layer's RoutingRecords over the recording window."""
+  tokens_per_expert: np.ndarray
+  unrouted_count: int = 0
+  unrouted_input_sum: Optional[np.ndarray] = None
+  steps: int = 0
+
+  @classmethod
+  def empty(cls, num_experts: int, width: int) -> 'RecordAccumulator':
+    return cls(np.zeros(num_experts, np.int64), 0, np.zeros(width, np.float64), 0)
+
+  def add(self, record: layers_lib.RoutingRecord):
+    self.tokens_per_expert = self.tokens_per_expert + np.asarray(record.tokens_per_expert)
+    self.unrouted_count += int(record.unrouted_count)
+    self.unrouted_input_sum = self.unrouted_input_sum + np.asarray(record.unrouted_input_sum,
+                                                                   np.float64)
+    self.steps += 1
+
+  def to_json(self) -> Dict[str, Any]:
+    return {'tokens_per_expert': self.tokens_per_expert.tolist(),
+            'unrouted_count': self.unrouted_count,
+            'unrouted_input_sum': self.unrouted_input_sum.tolist(), 'steps': self.steps}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> 'RecordAccumulator':
+    return cls(np.asarray(d['tokens_per_expert'], np.int64), int(d['unrouted_count']),
+               np.asarray(d['unrouted_input_sum'], np.float64), int(d['steps']))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """keep: old expert indices that stay, in order. new_params: for each param name
+  of the layer's MoE module that has an expert axis, the values of the added
+  experts stacked on that axis (absent when nothing is added)."""
+  keep: Tuple[int, ...]
+  num_new: int = 0
+  new_params: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  old_count: int = 0
+
+  @property
+  def new_count(self) -> int:
+    return len(self.keep) + self.num_new
+
+  @property
+  def removed(self) -> Tuple[int, ...]:
+    return tuple(i for i in range(self.old_count) if i not in self.keep)
+
+  @property
+  def is_noop(self) -> bool:
+    return self.num_new == 0 and self.keep == tuple(range(self.old_count))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizePlan:
+  """layers: MoE module path (e.g. ('layer_1', 'moe')) -> LayerPlan.
+  expert_axes: param path -> index of its 'expert' axis (from logical names)."""
+  layers: Mapping[Path, LayerPlan]
+  expert_axes: Mapping[Path, int]
+
+  @property
+  def is_noop(self) -> bool:
+    return all(p.is_noop for p in self.layers.values())
+
+
+def expert_axes(boxed_params) -> Dict[Path, int]:
+  """Param path -> axis named 'expert', for every LogicallyPartitioned leaf that has one."""
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=is_box)[0]:
+    if is_box(leaf) and 'expert' in leaf.names:
+      out[tuple(k.key for k in path)] = leaf.names.index('expert')
+  return out
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+  return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
+               moe_axes: Mapping[str, int], moe: layers_lib.MoE, *, min_experts: int,
+               max_experts: int, new_expert_init: str, rng: jax.Array) -> LayerPlan:
+  """DynMoE's rule for one layer: drop experts that got no token in the window;
+  add one when some tokens activated none, its gate embedding the normalised sum
+  of their inputs and its threshold 0; stay within [min_experts, max_experts].
+
+  moe_params: the layer's MoE params (unboxed); moe_axes: their expert axes.
+  """
+  old = int(record.tokens_per_expert.shape[0])
+  unused = [e for e in range(old) if record.tokens_per_expert[e] == 0]
+  add = record.unrouted_count > 0
+  # Never fall below min_experts: unused experts with the lowest index are kept first.
+  floor = max(min_experts - int(add), 1)
+  removable = max(0, old - floor)
+  removed = set(unused[len(unused) - min(len(unused), removable):]) if unused else set()
+  keep = tuple(e for e in range(old) if e not in removed)
+  add = add and len(keep) < max_experts
+  if not add:
+    return LayerPlan(keep=keep, old_count=old)
+
+  direction = _normalize(record.unrouted_input_sum)
+  kernel = np.asarray(moe_params.get('gate_embeddings', moe_params.get('router_kernel')))
+  router_is_column = 'router_kernel' in moe_params and 'gate_embeddings' not in moe_params
+  gates = kernel.T if router_is_column else kernel  # [E, D]
+  new_params: Dict[str, np.ndarray] = {}
+  if router_is_column:
+    scale = float(np.mean(np.linalg.norm(gates[list(keep)], axis=-1))) if keep else 1.0
+    new_params['router_kernel'] = (direction * scale)[:, None].astype(kernel.dtype)
+  else:
+    new_params['gate_embeddings'] = direction[None, :].astype(kernel.dtype)
+    new_params['thresholds'] = np.zeros((1,), np.asarray(moe_params['thresholds']).dtype)
+
+  kept_gates = gates[list(keep)]
+  cosine = (kept_gates / np.maximum(np.linalg.norm(kept_gates, axis=-1, keepdims=True), 1e-12)
+            ) @ direction
+  nearest = keep[int(np.argmax(cosine))] if keep else None
+  keys = jax.random.split(rng, len(moe_params))
+  for key, (name, value) in zip(keys, sorted(moe_params.items())):
+    if name in ROUTER_PARAMS or name not in moe_axes:
+      continue
+    axis = moe_axes[name]
+    value = np.asarray(value)
+    if new_expert_init == 'copy_nearest' and nearest is not None:
+      new_params[name] = np.take(value, [nearest], axis=axis)
+    else:
+      shape = list(value.shape)
+      shape[axis] = 1
+      new_params[name] = np.asarray(moe.kernel_init(key, tuple(shape), value.dtype))
+  return LayerPlan(keep=keep, num_new=1, new_params=new_params, old_count=old)
+
+
+def _resize_leaf(value, axis: int, layer: LayerPlan, new_values: Optional[np.ndarray]):
+  kept = jnp.take(value, jnp.asarray(layer.keep, jnp.int32), axis=axis)
+  if not layer.num_new:
+    return kept
+  if new_values is None:
+    shape = list(value.shape)
+    shape[axis] = layer.num_new
+    new_values = jnp.zeros(shape, value.dtype)
+  return jnp.concatenate([kept, jnp.asarray(new_values, value.dtype)], axis=axis)
+
+
+def _resize_tree(tree, plan: ResizePlan, fill_new: bool):
+  """Resize every leaf of a params-shaped tree. fill_new: take new experts' values
+  from the plan (params); otherwise zeros (fresh optimizer moments)."""
+  def visit(path, leaf):
+    key = tuple(k.key for k in path)
+    axis = plan.expert_axes.get(key)
+    if axis is None:
+      return leaf
+    module, name = key[:-1], key[-1]
+    layer = plan.layers.get(module)
+    if layer is None:
+      return leaf
+    new_values = None
+    if fill_new and layer.num_new:
+      if name not in layer.new_params:
+        raise ValueError(f'resize: the plan adds experts to {"/".join(module)} but gives no '
+                         f'values for its parameter {name!r}')
+      new_values = layer.new_params[name]
+    return _resize_leaf(leaf, axis, layer, new_values)
+  return jax.tree_util.tree_map_with_path(visit, tree)
+
+
+def resize(params, opt_state, plan: ResizePlan):
+  """Rebuild params and optimizer state at the plan's expert counts.
+
+  Kept experts keep their values and optimizer moments exactly; new experts get
+  the plan's values and zero moments; removed experts disappear. Any subtree of
+  `opt_state` with the same structure as `params` (Adam's mu and nu, momentum,
+  ...) is treated as per-parameter state; everything else (step counts,
+  EmptyState) is kept as is.
+  """
+  if plan.is_noop:
+    return params, opt_state
+  params_def = jax.tree.structure(params)
+  new_params = _resize_tree(params, plan, fill_new=True)
+
+  def is_param_shaped(x):
+    try:
+      return jax.tree.structure(x) == params_def
+    except Exception:  # noqa: BLE001  non-pytree leaves
+      return False
+
+  new_opt_state = jax.tree.map(
+      lambda x: _resize_tree(x, plan, fill_new=False) if is_param_shaped(x) else x,
+      opt_state, is_leaf=is_param_shaped)
+  return new_params, new_opt_state
+
+
+def new_layout(layout: Sequence[int], plan: ResizePlan) -> Tuple[int, ...]:
+  counts = list(layout)
+  for module, layer in plan.layers.items():
+    counts[int(module[0].split('_')[-1])] = layer.new_count
+  return tuple(counts)

@@ -1,0 +1,91 @@
+"""Config validation: every bad value stops before compilation, naming the field."""
+import pytest
+
+from dynmoe_jax import config_lib
+from tests.conftest import load_config
+
+ALL_CONFIGS = ['mnist1d_dynmoe', 'mnist1d_dense', 'mnist1d_topk', 'mnist1d_topp',
+               'mnist1d_damoe', 'lm_dynmoe', 'lm_topk', 'tiny', 'lm_tiny']
+
+
+@pytest.mark.parametrize('name', ALL_CONFIGS)
+def test_shipped_configs_validate(name):
+  layout = config_lib.validate(load_config(name))
+  assert len(layout) == load_config(name).model.num_layers
+
+
+def _set(config, dotted, value):
+  *parents, leaf = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[leaf] = value
+
+
+BAD_CONFIGS = [
+    # (field, value, expected message fragment); a dict sets several fields
+    ('model.moe.router', 'top_q', "config.model.moe.router='top_q' is invalid: must be one of"),
+    ('model.moe.dispatch_impl', 'scatter', "config.model.moe.dispatch_impl='scatter'"),
+    ({'model.moe.router': 'top_k', 'model.moe.k': 9},
+     "config.model.moe.k=9 is invalid: must be <= the 4 experts of layer 1 (router='top_k')"),
+    ('model.moe.expected_k', -1.0, 'config.model.moe.expected_k=-1.0'),
+    ('model.moe.p', 0.0, 'config.model.moe.p=0.0 is invalid: must be in (0, 1]'),
+    ('model.moe.p', 1.5, 'config.model.moe.p=1.5'),
+    ('model.moe.capacity_factor', 0.0, 'config.model.moe.capacity_factor=0.0 is invalid'),
+    ('model.moe.eval_capacity_factor', -1.0, 'config.model.moe.eval_capacity_factor=-1.0'),
+    ('model.moe.max_k', 7, 'config.model.moe.max_k=7 is invalid: must be in [1, 4]'),
+    ('model.moe.activation', 'tanhh', "config.model.moe.activation='tanhh'"),
+    ('model.moe.num_experts_per_layer', (4, 4, 4),
+     'model.moe.num_experts lists 3 counts for 1 MoE layers [1]'),
+    ('model.moe_layer_indices', (0, 5), 'model.moe_layers has indices [5] outside [0, 2)'),
+    ('model.moe_layers', 'odd', "config.model: model.moe_layers='odd'"),
+    ('model.moe.load_balance_weight', -0.1, 'config.model.moe.load_balance_weight=-0.1'),
+    ('num_train_steps', -5, 'config.num_train_steps=-5 is invalid: must be an int > 0'),
+    ('batch_size', 0, 'config.batch_size=0'),
+    ('model.num_heads', 3, 'config.model.num_heads=3 is invalid: must divide model.dim=32'),
+    ('model.dropout', 1.0, 'config.model.dropout=1.0'),
+    ('model.task', 'lm', "config.model.task='lm' is invalid: 'lm' goes with data.kind='lm'"),
+    ('data.kind', 'audio', "config.data.kind='audio'"),
+    ('model.dtype', 'float8', "config.model.dtype='float8'"),
+    ('optimizer.learning_rate', 0.0, 'config.optimizer.learning_rate=0.0'),
+    ('mesh.expert', 3, 'config.mesh: mesh.data=-1: 1 devices are not divisible by the other '
+     'mesh axes (3)'),
+    ('mesh.data', 0, 'config.mesh: mesh sizes must be positive ints or -1'),
+    ('log_every', 0, 'config.log_every=0'),
+]
+
+
+BAD_CONFIGS = [(c[0], c[1]) if isinstance(c[0], dict) else ({c[0]: c[1]}, c[2])
+               for c in BAD_CONFIGS]
+
+
+@pytest.mark.parametrize('overrides,message', BAD_CONFIGS,
+                         ids=[','.join(f'{k}={v}' for k, v in o.items()) for o, _ in BAD_CONFIGS])
+def test_bad_config_is_rejected_with_the_field_named(overrides, message):
+  config = load_config('tiny')
+  for field, value in overrides.items():
+    _set(config, field, value)
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(config, num_devices=1)
+  assert message in str(info.value), str(info.value)
+
+
+def test_adaptive_bounds_are_checked():
+  config = load_config('tiny')
+  config.adaptive.enabled = True
+  config.adaptive.min_experts = 5
+  config.adaptive.max_experts = 8
+  with pytest.raises(config_lib.ConfigError, match='must lie in \\[adaptive.min_experts=5'):
+    config_lib.validate(config)
+  config.adaptive.min_experts = 9
+  with pytest.raises(config_lib.ConfigError, match='adaptive.min_experts=9 is invalid'):
+    config_lib.validate(config)
+
+
+def test_batch_must_split_over_the_mesh():
+  config = load_config('tiny')
+  config.batch_size = 12
+  config.mesh.data = 8
+  with pytest.raises(config_lib.ConfigError, match='mesh.data\\*mesh.expert=8'):
+    config_lib.validate(config, num_devices=8)

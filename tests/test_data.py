@@ -1,0 +1,76 @@
+"""Offline tfds builders and the grain pipeline."""
+import numpy as np
+import pytest
+
+from dynmoe_jax.data import pipeline
+
+
+@pytest.fixture(scope='module')
+def mnist1d_train():
+  return pipeline.get_source('mnist1d', 'train')
+
+
+def test_mnist1d_is_the_standard_split(mnist1d_train):
+  test = pipeline.get_source('mnist1d', 'test')
+  assert len(mnist1d_train) == 4000 and len(test) == 1000
+  example = mnist1d_train[0]
+  assert example['signal'].shape == (40,) and example['signal'].dtype == np.float32
+  labels = np.array([test[i]['label'] for i in range(len(test))])
+  assert set(labels.tolist()) == set(range(10))
+
+
+def test_train_stream_is_a_function_of_the_step(mnist1d_train):
+  preprocess = pipeline.make_preprocess('signal', 'signal', 'label', 40)
+  a = pipeline.TrainStream(mnist1d_train, preprocess, 64, seed=3)
+  b = pipeline.TrainStream(mnist1d_train, preprocess, 64, seed=3)
+  c = pipeline.TrainStream(mnist1d_train, preprocess, 64, seed=4)
+  np.testing.assert_array_equal(a.batch(70)['inputs'], b.batch(70)['inputs'])
+  assert not np.array_equal(a.batch(70)['inputs'], c.batch(70)['inputs'])
+  assert a.batch(0)['inputs'].shape == (64, 40) and a.batch(0)['labels'].dtype == np.int32
+  # one epoch (62 full batches of 64 from 4000) covers distinct examples; the next is reshuffled
+  epoch = np.concatenate([a.batch(i)['inputs'] for i in range(62)])
+  assert len(np.unique(epoch, axis=0)) == len(epoch)
+  assert not np.array_equal(a.batch(0)['inputs'], a.batch(62)['inputs'])
+
+
+def test_process_shards_are_disjoint(mnist1d_train):
+  preprocess = pipeline.make_preprocess('signal', 'signal', 'label', 40)
+  shards = [pipeline.TrainStream(mnist1d_train, preprocess, 64, 0, i, 2) for i in range(2)]
+  first, second = (s.batch(0)['inputs'] for s in shards)
+  assert first.shape == (32, 40)
+  assert not (set(map(bytes, first)) & set(map(bytes, second)))
+
+
+def test_eval_batches_pad_and_mask():
+  preprocess = pipeline.make_preprocess('signal', 'signal', 'label', 40)
+  batches = list(pipeline.eval_batches(pipeline.get_source('mnist1d', 'test'), preprocess, 300))
+  assert [b['inputs'].shape[0] for b in batches] == [300] * 4
+  assert sum(b['mask'].sum() for b in batches) == 1000
+  assert batches[-1]['mask'].sum() == 100
+
+
+def test_bytes_corpus_lm_preprocess():
+  source = pipeline.get_source('bytes_corpus', 'test')
+  preprocess = pipeline.make_preprocess('lm', 'bytes', None, 32)
+  example = preprocess(source[0])
+  assert example['inputs'].shape == (33,) and example['inputs'].min() >= 1
+  assert 'labels' not in example
+
+
+def test_text_classification_preprocess_pads_bytes():
+  preprocess = pipeline.make_preprocess('text', 'sentence', 'label', 8)
+  out = preprocess({'sentence': 'hi!', 'label': 1})
+  np.testing.assert_array_equal(out['inputs'], [ord('h') + 1, ord('i') + 1, ord('!') + 1,
+                                                0, 0, 0, 0, 0])
+  assert out['labels'] == 1
+
+
+def test_missing_standard_dataset_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(pipeline.DatasetNotFoundError,
+                     match=r'tfds build cifar10 --file_format=array_record'):
+    pipeline.get_source('cifar10', 'train', str(tmp_path))
+
+
+def test_unknown_kind_is_rejected():
+  with pytest.raises(ValueError, match="data.kind='video'"):
+    pipeline.make_preprocess('video', 'x', 'y', 8)
