@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from dynmoe_jax import dispatch as dispatch_lib
 from dynmoe_jax import losses
 from dynmoe_jax import routing
+from dynmoe_jax import sharding
 
 ROUTERS = ('top_any', 'top_k', 'top_p', 'adaptive_k', 'expert_choice')
-DISPATCH_IMPLS = ('sort', 'einsum', 'ragged', 'all_experts')
+DISPATCH_IMPLS = ('sort', 'einsum', 'ragged', 'all_experts', 'shard_map_a2a')
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': nn.gelu, 'relu': nn.relu, 'silu': nn.silu, 'swish': nn.swish}
 
@@ -241,12 +242,28 @@ class MoE(nn.Module):
       expert_inputs, state = dispatch_lib.dispatch(
           expert_tokens, route.mask, capacity, priority=priority, impl=self.dispatch_impl,
           max_k=self._pairs_per_token())
-      expert_inputs = nn.with_logical_constraint(expert_inputs, DISPATCHED_AXES)
+      expert_inputs = sharding.constrain(expert_inputs, DISPATCHED_AXES)
       chex.assert_shape(expert_inputs, (E, capacity, width))
       expert_outputs = self._ffn_capacity(expert_inputs, wi, wi_gate, wo)
-      expert_outputs = nn.with_logical_constraint(expert_outputs, DISPATCHED_AXES)
+      expert_outputs = sharding.constrain(expert_outputs, DISPATCHED_AXES)
       y = dispatch_lib.combine(expert_outputs, route.weights, state)
       num_routed, num_dropped = state.num_routed, state.num_dropped
+    elif self.dispatch_impl == 'shard_map_a2a':
+      params = [w for w in (wi, wi_gate, wo) if w is not None]
+
+      def local_experts(inputs, *local_params):  # [S, E_local, C, D]
+        lwi, lwo = local_params[0], local_params[-1]
+        lwg = local_params[1] if wi_gate is not None else None
+        shards, local_e, cap, _ = inputs.shape
+        flat = inputs.transpose(1, 0, 2, 3).reshape(local_e, shards * cap, width)
+        out = self._ffn_capacity(flat, lwi, lwg, lwo)
+        return out.reshape(local_e, shards, cap, width).transpose(1, 0, 2, 3)
+
+      y, num_routed, num_dropped = sharding.expert_parallel_ffn(
+          expert_tokens, route.mask, route.weights,
+          route.scores if self.priority == 'score' else None, local_experts, params,
+          lambda local_tokens: self._capacity(local_tokens, training))
+      y = y.astype(self.dtype)
     elif self.dispatch_impl == 'ragged':
       sorted_inputs, state = dispatch_lib.ragged_dispatch(
           expert_tokens, route.mask, max_k=self._pairs_per_token())

@@ -22,6 +22,8 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'call jax.distributed.initial
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process index')
+_CPU_COLLECTIVES = flags.DEFINE_string('cpu_collectives', None,
+                                       "CPU collectives for multi-process CPU runs: 'gloo'")
 
 
 def main(argv):
@@ -36,6 +38,8 @@ def main(argv):
   ours.propagate = False
   import jax
   coordinator = _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if _CPU_COLLECTIVES.value:
+    jax.config.update('jax_cpu_collectives_implementation', _CPU_COLLECTIVES.value)
   if _MULTIHOST.value or coordinator:
     num = _NUM_PROCESSES.value or (int(os.environ['JAX_NUM_PROCESSES'])
                                    if 'JAX_NUM_PROCESSES' in os.environ else None)

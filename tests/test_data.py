@@ -33,20 +33,25 @@ def test_train_stream_is_a_function_of_the_step(mnist1d_train):
   assert not np.array_equal(a.batch(0)['inputs'], a.batch(62)['inputs'])
 
 
-def test_process_shards_are_disjoint(mnist1d_train):
+def test_process_rows_make_up_the_single_process_batch(mnist1d_train):
   preprocess = pipeline.make_preprocess('signal', 'signal', 'label', 40)
-  shards = [pipeline.TrainStream(mnist1d_train, preprocess, 64, 0, i, 2) for i in range(2)]
-  first, second = (s.batch(0)['inputs'] for s in shards)
-  assert first.shape == (32, 40)
-  assert not (set(map(bytes, first)) & set(map(bytes, second)))
+  whole = pipeline.TrainStream(mnist1d_train, preprocess, 64, 0).batch(5)['inputs']
+  parts = [pipeline.TrainStream(mnist1d_train, preprocess, 64, 0, i, 2).batch(5)['inputs']
+           for i in range(2)]
+  assert parts[0].shape == (32, 40)
+  np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_eval_batches_pad_and_mask():
   preprocess = pipeline.make_preprocess('signal', 'signal', 'label', 40)
-  batches = list(pipeline.eval_batches(pipeline.get_source('mnist1d', 'test'), preprocess, 300))
+  source = pipeline.get_source('mnist1d', 'test')
+  batches = list(pipeline.eval_batches(source, preprocess, 300))
   assert [b['inputs'].shape[0] for b in batches] == [300] * 4
   assert sum(b['mask'].sum() for b in batches) == 1000
   assert batches[-1]['mask'].sum() == 100
+  per_process = [list(pipeline.eval_batches(source, preprocess, 300, i, 2)) for i in range(2)]
+  assert [len(p) for p in per_process] == [4, 4]
+  assert sum(b['mask'].sum() for p in per_process for b in p) == 1000
 
 
 def test_bytes_corpus_lm_preprocess():

@@ -106,35 +106,50 @@ def make_preprocess(kind: str, input_key: str, label_key: Optional[str], seq_len
 
 
 class TrainStream:
-  """Infinite, per-process shard of shuffled training batches, read by step."""
+  """Infinite stream of shuffled training batches, read by step.
+
+  Global batch `s` holds elements [s*B, (s+1)*B) of the seeded, per-epoch
+  reshuffled, repeated dataset, whatever the process count; process i reads
+  only its rows [i*B/P, (i+1)*B/P) of it. So a run on P processes sees exactly
+  the global batches of a run on one.
+  """
 
   def __init__(self, source, preprocess, global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
     if global_batch_size % process_count:
       raise ValueError(f'batch_size={global_batch_size} is not divisible by the '
                        f'{process_count} processes')
+    if len(source) < global_batch_size:
+      raise ValueError(f'the training split has {len(source)} examples, fewer than one batch '
+                       f'of {global_batch_size}')
+    self.global_batch_size = global_batch_size
     self.per_process_batch = global_batch_size // process_count
-    shard = grain.MapDataset.source(source)[process_index::process_count]
-    if len(shard) < self.per_process_batch:
-      raise ValueError(f'the training split has {len(shard)} examples per process, fewer than '
-                       f'one batch of {self.per_process_batch}')
-    self.examples_per_epoch = len(shard)
-    self._batches = (shard.shuffle(seed=seed).repeat().map(preprocess)
-                     .batch(self.per_process_batch, drop_remainder=True))
+    self.offset = process_index * self.per_process_batch
+    self.examples_per_epoch = len(source)
+    self._elements = grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(preprocess)
 
   def batch(self, step: int) -> Batch:
-    return self._batches[step]
+    start = step * self.global_batch_size + self.offset
+    examples = [self._elements[start + j] for j in range(self.per_process_batch)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def eval_batches(source, preprocess, batch_size: int, process_index: int = 0,
+def eval_batches(source, preprocess, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
-  """One pass over this process's shard; the last batch is padded and carries
-  `mask` (1 for real examples) so every batch has the same shape."""
-  shard = grain.MapDataset.source(source)[process_index::process_count].map(preprocess)
-  for start in range(0, len(shard), batch_size):
-    examples = [shard[i] for i in range(start, min(start + batch_size, len(shard)))]
-    real = len(examples)
-    examples += [examples[-1]] * (batch_size - real)
+  """One pass over the split, this process's rows of each global batch. Every
+  process yields the same number of batches of the same shape (collectives need
+  that); padding rows carry `mask` 0."""
+  if global_batch_size % process_count:
+    raise ValueError(f'eval_batch_size={global_batch_size} is not divisible by the '
+                     f'{process_count} processes')
+  local = global_batch_size // process_count
+  elements = grain.MapDataset.source(source).map(preprocess)
+  total = len(elements)
+  for start in range(0, total, global_batch_size):
+    indices = [start + process_index * local + j for j in range(local)]
+    real = [i for i in indices if i < total]
+    examples = [elements[i] for i in real] or [elements[0]]
+    examples += [examples[-1]] * (local - len(examples))
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    batch['mask'] = (np.arange(batch_size) < real).astype(np.float32)
+    batch['mask'] = (np.arange(local) < len(real)).astype(np.float32)
     yield batch

@@ -58,13 +58,18 @@ class SelfAttention(nn.Module):
       return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
                         self.param_dtype).astype(self.dtype)
 
-    def project(name):
+    def project(name, use_bias=True):
       w = kernel(f'{name}_kernel', (width, self.num_heads, head_dim), ('embed', 'heads', 'kv'),
                  0, (1, 2))
-      return (jnp.einsum('bsd,dhk->bshk', x.astype(self.dtype), w)
-              + bias(f'{name}_bias', (self.num_heads, head_dim), ('heads', 'kv')))
+      out = jnp.einsum('bsd,dhk->bshk', x.astype(self.dtype), w)
+      if use_bias:
+        out = out + bias(f'{name}_bias', (self.num_heads, head_dim), ('heads', 'kv'))
+      return out
 
-    q, k, v = project('query'), project('key'), project('value')
+    # No key bias: it adds the same q·b to every logit of a query, which softmax
+    # ignores, so its gradient is zero and Adam would only amplify rounding noise.
+    q, k, v = project('query'), project('key', use_bias=False), project('value')
+
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
     logits = jnp.where(attention_mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)

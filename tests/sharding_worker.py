@@ -1,0 +1,62 @@
+"""Runs a few steps of the tiny config under a given device count / mesh / dispatch
+path and saves what the sharding tests compare. Launched in a subprocess because
+the CPU device count is fixed when JAX starts.
+
+  python tests/sharding_worker.py OUT.npz [key=value ...]
+keys: devices, data, expert, experts, impl, steps, coordinator, num_processes, process_id
+"""
+import os
+import sys
+
+args = dict(a.split('=', 1) for a in sys.argv[2:])
+os.environ['XLA_FLAGS'] = f"--xla_force_host_platform_device_count={args.get('devices', '1')}"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+if 'coordinator' in args:
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(args['coordinator'], int(args['num_processes']),
+                             int(args['process_id']))
+
+import numpy as np  # noqa: E402
+
+from dynmoe_jax import train  # noqa: E402
+from tests.conftest import load_config  # noqa: E402
+
+
+def main():
+  config = load_config('tiny', args.get('router', 'top_any'))
+  config.num_train_steps = int(args.get('steps', '4'))
+  config.log_every = 1
+  config.eval_every = config.num_train_steps
+  config.checkpoint_every = config.num_train_steps
+  config.batch_size = 16
+  config.eval_batch_size = 200
+  config.model.moe.num_experts = int(args.get('experts', '8'))
+  config.model.moe.dispatch_impl = args.get('impl', 'sort')
+  config.model.moe.capacity_factor = 8.0
+  config.mesh.data = int(args.get('data', '-1'))
+  config.mesh.expert = int(args.get('expert', '1'))
+  trainer = train.Trainer(config, args['workdir'])
+  result = trainer.run()
+  wi = trainer.state.params['layer_1']['moe']['wi']
+  shard_shapes = sorted({tuple(s.data.shape) for s in wi.addressable_shards})
+  if jax.process_index() == 0:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(trainer.state.params, tiled=True) \
+        if jax.process_count() > 1 else jax.device_get(trainer.state.params)
+    flat = {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    rows = train.plots.read_jsonl(os.path.join(args['workdir'], 'metrics.jsonl'))
+    losses = [r['loss'] for r in rows if r['split'] == 'train']
+    np.savez(sys.argv[1], losses=np.array(losses), eval_loss=result['eval']['loss'],
+             shard_shape=np.array(shard_shapes[0]), num_shard_shapes=len(shard_shapes),
+             devices=jax.device_count(), **{f'param{k}': v for k, v in flat.items()})
+  elif jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.process_allgather(trainer.state.params, tiled=True)
+
+
+if __name__ == '__main__':
+  main()
