@@ -286,6 +286,10 @@ class MoE(nn.Module):
         'expert_load': routed_per_expert / jnp.maximum(routed_per_expert.sum(), 1).astype(
             jnp.float32),
         'unrouted_fraction': unrouted.astype(jnp.float32).mean(),
+        # 1.0 / 0.0 flags: lets the trainer name the layer where NaN/Inf first appears.
+        'input_finite': jnp.all(jnp.isfinite(x)).astype(jnp.float32),
+        'router_finite': jnp.all(jnp.isfinite(route.weights)).astype(jnp.float32),
+        'output_finite': jnp.all(jnp.isfinite(y)).astype(jnp.float32),
         **loss_metrics,
     }
     record = RoutingRecord(

@@ -376,15 +376,28 @@ class Trainer:
   def _check_finite(self, step: int, metrics):
     if bool(jax.device_get(metrics['finite'])) or self.config.skip_nonfinite_updates:
       return
-    host = jax.device_get({k: v for k, v in metrics.items() if k.startswith('nonfinite_ok/')})
-    bad = [k.split('/', 1)[1] for k, ok in host.items() if not ok]
-    loss = float(jax.device_get(metrics['loss']))
+    host = jax.device_get(metrics)
+    bad_grads = [k.split('/', 1)[1] for k, ok in host.items()
+                 if k.startswith('nonfinite_ok/') and not ok]
     last = self.checkpointer.all_steps()
     raise NonFiniteError(
-        f'non-finite {"loss" if not np.isfinite(loss) else "gradients"} at step {step}: '
-        f'non-finite gradients in {bad or "none (loss only)"}. The update was not saved; the last '
-        f'good checkpoint is {last[-1] if last else "none"} in {self.workdir}/checkpoints. '
+        f'non-finite loss or gradients at step {step}: {self._blame(host)}; non-finite '
+        f'gradients in {bad_grads or "none"}. Nothing after it was saved; the last good '
+        f'checkpoint is step {last[-1] if last else "none"} in {self.workdir}/checkpoints. '
         'Set skip_nonfinite_updates=True to skip such steps instead.')
+
+  def _blame(self, host) -> str:
+    """The first MoE layer, in forward order, whose router or experts turned finite
+    inputs into NaN/Inf."""
+    for name in transformer.moe_layer_names(self.compiled.layout):
+      flag = lambda key: float(host.get(f'moe/{name}/{key}', 1.0))
+      if not flag('input_finite'):
+        return f'the input of {name} was already non-finite (a layer before it)'
+      if not flag('router_finite'):
+        return f'the router of {name} produced non-finite routing weights'
+      if not flag('output_finite'):
+        return f'the experts of {name} produced non-finite outputs'
+    return 'no MoE layer produced it (a dense block, the stem, the head or the loss)'
 
   def run(self) -> Dict[str, Any]:
     config = self.config
@@ -430,7 +443,10 @@ class Trainer:
         window.append(metrics)
         bar.update(1)
         last = step == config.num_train_steps
-        if step % config.log_every == 0 or last:
+        boundary = config.adaptive.enabled and step % config.adaptive.every == 0 and not last
+        # A window never spans a resize or a checkpoint, so a resumed run logs the same rows.
+        if (step % config.log_every == 0 or last or boundary
+            or step % config.checkpoint_every == 0):
           row = self._train_row(step, window, time.perf_counter() - window_start)
           self._write(row)
           bar.set_postfix(self._postfix(row), refresh=False)
@@ -440,13 +456,14 @@ class Trainer:
           self._write(eval_row)
           log.info('eval step %d: %s', step, {k: round(v, 4) for k, v in eval_row.items()
                                               if isinstance(v, float)})
-        boundary = config.adaptive.enabled and step % config.adaptive.every == 0 and not last
         if boundary:
           state = self.adapt(state, step)
         if step % config.checkpoint_every == 0 or last or boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
-        if self.on_step is not None:
+        if self.on_step is not None:  # tests: may inspect or replace self.state
+          self.state = state
           self.on_step(self, step)
+          state = self.state
         if self._stop_requested:
           status = 'preempted'
           break

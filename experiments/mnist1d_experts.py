@@ -1,0 +1,124 @@
+"""MNIST-1D side by side: dense vs DynMoE with 2, 4 and 8 fixed experts vs DynMoE
+adaptive (starting from 2 experts per MoE layer), same model, steps and data.
+
+Runs each config to completion in one process, one after another, then prints a
+markdown table and writes JSON + PNG. Each run keeps its workdir (metrics,
+checkpoints, plots) under --out; a rerun resumes or skips finished runs.
+
+  python experiments/mnist1d_experts.py                    # the README numbers (~35 min on 2 CPU cores)
+  python experiments/mnist1d_experts.py --steps 200 --runs dense,adaptive   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from dynmoe_jax import plots, train  # noqa: E402
+from dynmoe_jax.default_config import mnist1d_config  # noqa: E402
+
+
+def run_configs(steps: int, adaptive_every: int):
+  def dynmoe(num_experts):
+    c = mnist1d_config('top_any')
+    c.model.moe.num_experts = num_experts
+    return c
+
+  dense = mnist1d_config()
+  dense.model.moe_layers = 'none'
+  adaptive = dynmoe(2)
+  adaptive.adaptive.enabled = True
+  adaptive.adaptive.every = adaptive_every
+  adaptive.adaptive.record_steps = max(1, adaptive_every // 5)
+  adaptive.adaptive.min_experts = 1
+  adaptive.adaptive.max_experts = 16
+  configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
+             'dynmoe_e8': dynmoe(8), 'adaptive': adaptive}
+  for c in configs.values():
+    c.num_train_steps = steps
+    c.progress_bar = False
+  return configs
+
+
+def summarize(name: str, workdir: str):
+  rows = plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  train_rows = [r for r in rows if r['split'] == 'train']
+  final_eval = [r for r in rows if r['split'] == 'eval'][-1]
+  layers = sorted({k.split('/')[1] for k in final_eval if k.startswith('moe/')})
+  events = plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
+  experts = {l: len(train_rows[-1][f'moe/{l}/expert_load']) for l in layers}
+  return {
+      'name': name, 'accuracy': final_eval['accuracy'],
+      'active_experts': {l: final_eval[f'moe/{l}/active_experts'] for l in layers},
+      'final_experts': experts,
+      'steps_per_sec': float(np.median([r['steps_per_sec'] for r in train_rows[1:] or train_rows])),
+      'adaptation_seconds': [e['seconds'] for e in events[::max(1, len(layers))]],
+      'adaptations': events,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--adaptive_every', type=int, default=500)
+  parser.add_argument('--runs', default='dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,adaptive')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
+                                                     'mnist1d_experts'))
+  args = parser.parse_args()
+  configs = run_configs(args.steps, args.adaptive_every)
+  results = []
+  for name in args.runs.split(','):
+    workdir = os.path.join(args.out, 'runs', name)
+    print(f'== {name}', flush=True)
+    train.Trainer(configs[name], workdir).run()
+    results.append(summarize(name, workdir))
+    print(json.dumps({k: v for k, v in results[-1].items() if k != 'adaptations'}), flush=True)
+
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump({'steps': args.steps, 'results': results}, f, indent=2)
+  print('\n| run | test accuracy | active experts / token (per MoE layer) | experts per layer '
+        '(final) | train steps/s |')
+  print('|---|---|---|---|---|')
+  for r in results:
+    active = ', '.join(f'{v:.2f}' for v in r['active_experts'].values()) or '-'
+    final = ', '.join(str(v) for v in r['final_experts'].values()) or '-'
+    print(f"| {r['name']} | {100 * r['accuracy']:.1f}% | {active} | {final} | "
+          f"{r['steps_per_sec']:.2f} |")
+  adaptive = next((r for r in results if r['name'] == 'adaptive'), None)
+  if adaptive and adaptive['adaptation_seconds']:
+    per_step = 1.0 / adaptive['steps_per_sec']
+    worst = max(adaptive['adaptation_seconds'])
+    print(f'\nadaptation (plan + reallocate + recompile): worst {worst:.2f}s = '
+          f'{worst / per_step:.1f} train steps of the adaptive run')
+    src = os.path.join(args.out, 'runs', 'adaptive', 'plots', 'experts_per_layer.png')
+    if os.path.exists(src):
+      shutil.copy(src, os.path.join(args.out, 'adaptive_experts_per_layer.png'))
+  plot(results, os.path.join(args.out, 'accuracy_vs_experts.png'))
+
+
+def plot(results, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in results:
+    active = float(np.mean(list(r['active_experts'].values()))) if r['active_experts'] else 0.0
+    ax.scatter(active, 100 * r['accuracy'], s=40)
+    ax.annotate(r['name'], (active, 100 * r['accuracy']), fontsize=8, xytext=(4, 4),
+                textcoords='offset points')
+  ax.set_xlabel('mean active experts per token (MoE layers; dense = 0)')
+  ax.set_ylabel('MNIST-1D test accuracy (%)')
+  ax.set_title('MNIST-1D, same model/steps/data')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == '__main__':
+  main()
