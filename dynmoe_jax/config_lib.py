@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dynmoe_jax import layers
+from dynmoe_jax import layers, sharding
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.models import transformer
 
@@ -178,7 +178,6 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
             f'adaptive.max_experts={a.max_experts}]')
 
   num_devices = jax.device_count() if num_devices is None else num_devices
-  from dynmoe_jax import sharding  # local: sharding imports nothing of ours
   try:
     shape = sharding.mesh_shape(config.mesh.data, config.mesh.expert, config.mesh.model,
                                 num_devices)

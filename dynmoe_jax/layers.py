@@ -236,11 +236,15 @@ class MoE(nn.Module):
     wi, wi_gate, wo = self._expert_params(width)
     expert_tokens = tokens.astype(self.dtype)
 
-    if self.dispatch_impl in ('sort', 'einsum'):
+    impl = self.dispatch_impl
+    if (impl == 'shard_map_a2a' and self.is_initializing()
+        and jax.sharding.get_abstract_mesh().empty):
+      impl = 'sort'  # same parameters; init needs no mesh, apply does
+    if impl in ('sort', 'einsum'):
       capacity = self._capacity(num_tokens, training)
       priority = route.scores if self.priority == 'score' else None
       expert_inputs, state = dispatch_lib.dispatch(
-          expert_tokens, route.mask, capacity, priority=priority, impl=self.dispatch_impl,
+          expert_tokens, route.mask, capacity, priority=priority, impl=impl,
           max_k=self._pairs_per_token())
       expert_inputs = sharding.constrain(expert_inputs, DISPATCHED_AXES)
       chex.assert_shape(expert_inputs, (E, capacity, width))
@@ -248,7 +252,7 @@ class MoE(nn.Module):
       expert_outputs = sharding.constrain(expert_outputs, DISPATCHED_AXES)
       y = dispatch_lib.combine(expert_outputs, route.weights, state)
       num_routed, num_dropped = state.num_routed, state.num_dropped
-    elif self.dispatch_impl == 'shard_map_a2a':
+    elif impl == 'shard_map_a2a':
       params = [w for w in (wi, wi_gate, wo) if w is not None]
 
       def local_experts(inputs, *local_params):  # [S, E_local, C, D]
@@ -264,7 +268,7 @@ class MoE(nn.Module):
           route.scores if self.priority == 'score' else None, local_experts, params,
           lambda local_tokens: self._capacity(local_tokens, training))
       y = y.astype(self.dtype)
-    elif self.dispatch_impl == 'ragged':
+    elif impl == 'ragged':
       sorted_inputs, state = dispatch_lib.ragged_dispatch(
           expert_tokens, route.mask, max_k=self._pairs_per_token())
       sorted_outputs = self._ffn_ragged(sorted_inputs, state.group_sizes, wi, wi_gate, wo)

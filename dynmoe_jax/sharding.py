@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dynmoe_jax import dispatch as dispatch_lib
+
 MESH_AXES = ('data', 'expert', 'model')
 
 LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
@@ -149,8 +151,6 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
     capacity_fn(local_tokens) -> C (Python int).
   Returns: y [T, D], num_routed, num_dropped (global counts).
   """
-  from dynmoe_jax import dispatch as dispatch_lib  # sharding imports nothing else of ours
-
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or 'expert' not in mesh.shape:
     raise ValueError("dispatch_impl='shard_map_a2a' needs a mesh with an 'expert' axis set by "

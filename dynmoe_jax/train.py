@@ -353,7 +353,7 @@ class Trainer:
     for batch in pipeline.eval_batches(self.eval_source, self.preprocess,
                                        self.config.eval_batch_size, jax.process_index(),
                                        jax.process_count()):
-      batch = self._device_batch(batch, eval_batch=True)
+      batch = self._device_batch(batch)
       for key, value in jax.device_get(self.compiled.eval_step(state.params, batch)).items():
         totals[key] = totals.get(key, 0.0) + float(value)
     out = summarize_sums(totals, self.config.model.task)
@@ -362,7 +362,7 @@ class Trainer:
         out[key[:-4]] = value / max(totals['count'], 1.0)
     return out
 
-  def _device_batch(self, batch, eval_batch=False):
+  def _device_batch(self, batch):
     return {k: jax.make_array_from_process_local_data(
         sharding.batch_sharding(self.mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()}
 
