@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from dynmoe_jax import layers
+from dynmoe_jax import layers, sharding
 
 B, S, D, F, E = 2, 12, 16, 24, 6
 ROUTERS = ['top_any', 'top_k', 'top_p', 'adaptive_k', 'expert_choice']
@@ -67,12 +67,21 @@ class MoELayerTest(parameterized.TestCase):
     x, importance = make_inputs(1)
     outs = {}
     for impl in layers.DISPATCH_IMPLS:
-      variables, y, aux = init_apply(build(router, impl), x, importance)
-      grads = jax.grad(lambda v: jnp.sum(
-          build(router, impl).apply(v, x, training=True,
-                                    token_importance=importance if router == 'adaptive_k'
-                                    else None)[0] ** 2))(variables)
-      outs[impl] = (y, grads)
+      # the expert-parallel path needs a mesh; a one-device mesh runs it here
+      # (8-device meshes: tests/test_sharding.py)
+      mesh = sharding.make_mesh(data=1, expert=1, devices=jax.devices()[:1])
+      moe = build(router, impl)
+      imp = importance if router == 'adaptive_k' else None
+
+      @jax.jit  # eager ops under a mesh are slow; one compiled function per impl
+      def forward_and_grad(variables):
+        loss = lambda v: jnp.sum(moe.apply(v, x, training=True, token_importance=imp)[0] ** 2)
+        return moe.apply(variables, x, training=True, token_importance=imp)[0], jax.grad(loss)(
+            variables)
+
+      variables = moe.init(jax.random.PRNGKey(0), x, training=False, token_importance=imp)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        outs[impl] = forward_and_grad(variables)
     for impl in layers.DISPATCH_IMPLS[1:]:
       chex.assert_trees_all_close(outs[impl], outs['sort'], atol=1e-4, rtol=1e-4)
 
