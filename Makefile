@@ -20,9 +20,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VPY) -m dynmoe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Two workers: most tests are single-threaded compiles, and CI has 2 cores.
 # pytest exits 5 when it collects no test; that must fail, and it does because make propagates it.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 
 bench: $(STAMP)
 	$(VPY) experiments/bench_layer.py

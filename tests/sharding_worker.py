@@ -3,7 +3,8 @@ path and saves what the sharding tests compare. Launched in a subprocess because
 the CPU device count is fixed when JAX starts.
 
   python tests/sharding_worker.py OUT.npz [key=value ...]
-keys: devices, data, expert, experts, impl, steps, coordinator, num_processes, process_id
+keys: devices, data, expert, experts, impl, steps, adaptive (1 = on), coordinator,
+      num_processes, process_id
 """
 import os
 import sys
@@ -36,6 +37,13 @@ def main():
   config.model.moe.num_experts = int(args.get('experts', '8'))
   config.model.moe.dispatch_impl = args.get('impl', 'sort')
   config.model.moe.capacity_factor = 8.0
+  if args.get('adaptive') == '1':
+    config.adaptive.enabled = True
+    config.adaptive.every = 2
+    config.adaptive.record_steps = 1
+    config.adaptive.min_experts = 1
+    config.adaptive.max_experts = 8
+    config.model.moe.top_any_scale = 4.0  # sharper gates: some tokens activate no expert
   config.mesh.data = int(args.get('data', '-1'))
   config.mesh.expert = int(args.get('expert', '1'))
   trainer = train.Trainer(config, args['workdir'])
@@ -52,6 +60,7 @@ def main():
     losses = [r['loss'] for r in rows if r['split'] == 'train']
     np.savez(sys.argv[1], losses=np.array(losses), eval_loss=result['eval']['loss'],
              shard_shape=np.array(shard_shapes[0]), num_shard_shapes=len(shard_shapes),
+             experts_per_layer=np.array(result['experts_per_layer']),
              devices=jax.device_count(), **{f'param{k}': v for k, v in flat.items()})
   elif jax.process_count() > 1:
     from jax.experimental import multihost_utils

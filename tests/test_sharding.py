@@ -57,6 +57,17 @@ def test_six_experts_on_an_expert_axis_of_four(tmp_path, single_device, impl):
   assert_same_training(sharded, single_device[6])
 
 
+def test_adaptive_resize_reshards_on_the_mesh(tmp_path):
+  # 4 experts on an expert axis of 4; resizes at steps 2 and 4 give counts the axis
+  # may not divide, and the sharded run must still match one device.
+  kw = dict(experts=4, adaptive=1, steps=6)
+  single = run_worker(tmp_path, 'adaptive_single', **kw)
+  sharded = run_worker(tmp_path, 'adaptive_sharded', devices=8, data=2, expert=4, **kw)
+  assert list(sharded['experts_per_layer']) == list(single['experts_per_layer'])
+  assert list(single['experts_per_layer']) != [0, 4], 'the case should resize'
+  assert_same_training(sharded, single)
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
