@@ -219,8 +219,9 @@ class Trainer:
     self.eval_source = pipeline.get_source(d.name, d.eval_split, d.data_dir)
     self.stream = pipeline.TrainStream(self.train_source, self.preprocess, config.batch_size,
                                        config.seed, jax.process_index(), jax.process_count())
-    example = self.stream.batch(0)
-    self.sample_inputs = model_inputs({k: v[:1] for k, v in example.items()}, config.model.task)
+    self.example_batch = self.stream.batch(0)  # shapes and dtypes for init and compilation
+    self.sample_inputs = model_inputs({k: v[:1] for k, v in self.example_batch.items()},
+                                      config.model.task)
     self.checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
                                                    config.keep_checkpoints)
 
@@ -234,7 +235,7 @@ class Trainer:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         sharding.strip_boxes(boxed), shardings)
     batch_shard = lambda a: sharding.batch_sharding(self.mesh, np.ndim(a))
-    example = self.stream.batch(0)
+    example = self.example_batch
     batch_shardings = {k: batch_shard(v) for k, v in example.items()}
     eval_shardings = {**batch_shardings, 'mask': batch_shard(np.zeros(1))}
     abstract_batch = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + v.shape[1:], v.dtype,

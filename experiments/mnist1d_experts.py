@@ -39,8 +39,11 @@ def run_configs(steps: int, adaptive_every: int):
   adaptive.adaptive.record_steps = max(1, adaptive_every // 5)
   adaptive.adaptive.min_experts = 1
   adaptive.adaptive.max_experts = 16
+  # 8 experts with capacity sized for 4 active experts per token instead of k=2
+  e8_k4 = dynmoe(8)
+  e8_k4.model.moe.expected_k = 4.0
   configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
-             'dynmoe_e8': dynmoe(8), 'adaptive': adaptive}
+             'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
   for c in configs.values():
     c.num_train_steps = steps
     c.progress_bar = False
@@ -68,7 +71,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=2000)
   parser.add_argument('--adaptive_every', type=int, default=500)
-  parser.add_argument('--runs', default='dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,adaptive')
+  parser.add_argument('--runs',
+                      default='dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,dynmoe_e8_k4,adaptive')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                      'mnist1d_experts'))
   args = parser.parse_args()
