@@ -94,7 +94,7 @@ def param_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     if is_box(leaf):
       spec = logical_to_spec(leaf.names, rules) or P()
       return NamedSharding(mesh, fit_spec(leaf.value.shape, spec, mesh))
-    return NamedSharding(mesh, P())
+    return replicated(mesh)
   return jax.tree.map(one, boxed_tree, is_leaf=is_box)
 
 

@@ -211,6 +211,7 @@ class Trainer:
     self.on_step = on_step  # test hook: called with (trainer, step) after every step
     self._stop_requested = False
     self.records: Dict[str, adaptive.RecordAccumulator] = {}
+    self.compiled: Optional[Compiled] = None
     os.makedirs(self.workdir, exist_ok=True)
 
     d = config.data
@@ -287,7 +288,9 @@ class Trainer:
       raise checkpointing.ModelMismatchError(
           f'{self.workdir} holds experts_per_layer={list(layout)} but the config asks for '
           f'{list(self.layout)} and adaptive.enabled is False')
-    self.compiled = self._compile(layout)
+    # Falling back to an older step of the same layout reuses the compiled step.
+    if self.compiled is None or self.compiled.layout != layout:
+      self.compiled = self._compile(layout)
     return self.compiled.abstract_state
 
   def restore_or_init(self) -> TrainState:

@@ -125,7 +125,6 @@ class TrainStream:
     self.global_batch_size = global_batch_size
     self.per_process_batch = global_batch_size // process_count
     self.offset = process_index * self.per_process_batch
-    self.examples_per_epoch = len(source)
     self._elements = grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(preprocess)
 
   def batch(self, step: int) -> Batch:
