@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from tests.conftest import load_config
 from dynmoe_jax.data import pipeline
 
 
@@ -79,3 +80,17 @@ def test_missing_standard_dataset_says_how_to_prepare_it(tmp_path):
 def test_unknown_kind_is_rejected():
   with pytest.raises(ValueError, match="data.kind='video'"):
     pipeline.make_preprocess('video', 'x', 'y', 8)
+
+
+def test_split_larger_than_the_prepared_data_names_the_split_fields():
+  total = len(pipeline.get_source('bytes_corpus', 'test'))
+  with pytest.raises(ValueError, match=r'data.train_split / data.eval_split') as error:
+    pipeline.get_source('bytes_corpus', f'test[:{total + 1}]')
+  assert not isinstance(error.value, pipeline.DatasetNotFoundError)
+
+
+@pytest.mark.parametrize('name', ['lm_dynmoe', 'lm_topk', 'mnist1d_dynmoe'])
+def test_shipped_configs_read_their_splits(name):
+  config = load_config(name)
+  for split in (config.data.train_split, config.data.eval_split):
+    assert len(pipeline.get_source(config.data.name, split, config.data.data_dir)) > 0

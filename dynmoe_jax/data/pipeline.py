@@ -61,12 +61,24 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing or tfrecord-only dataset
+    if _is_prepared(name, data_dir):
+      raise ValueError(
+          f'split {split!r} does not fit tfds dataset {name!r} as prepared in {data_dir} '
+          f'({type(e).__name__}: {e}); set data.train_split / data.eval_split to a split '
+          f'(or slice) it has') from e
     raise DatasetNotFoundError(
         f"tfds dataset {name!r} (split {split!r}) is not readable from {data_dir} as "
         f"array_record ({type(e).__name__}: {e}). Prepare it once where it can be downloaded "
         f"with `tfds build {name} --file_format=array_record --data_dir={data_dir}` (or "
         f"builder.download_and_prepare(file_format='array_record')), then copy the directory "
         f"here or pass --config.data.data_dir.") from e
+
+
+def _is_prepared(name: str, data_dir: str) -> bool:
+  try:
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # unknown name, unreadable metadata: not usable either way
+    return False
 
 
 def make_preprocess(kind: str, input_key: str, label_key: Optional[str], seq_len: int
