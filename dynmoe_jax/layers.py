@@ -300,6 +300,9 @@ class MoE(nn.Module):
         tokens_per_expert=routed_per_expert,
         unrouted_count=unrouted.sum(dtype=jnp.int32),
         unrouted_input_sum=jnp.where(unrouted[:, None], routing.upcast(tokens), 0.0).sum(0))
+    # Per-token expert counts for analysis (harder inputs, more experts?); stored only
+    # when the caller makes 'intermediates' mutable, otherwise a no-op.
+    self.sow('intermediates', 'active_experts_per_token', route.num_active.reshape(lead_shape))
     y = y.reshape(*lead_shape, width).astype(x.dtype)
     return y, MoEAux(loss=aux_loss, metrics=metrics, record=record)
 

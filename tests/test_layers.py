@@ -61,6 +61,11 @@ class MoELayerTest(parameterized.TestCase):
     np.testing.assert_allclose(y, loop_oracle(params, x, route.weights), atol=2e-5, rtol=1e-4)
     assert float(aux.metrics['active_experts']) == pytest.approx(
         float(route.num_active.mean()), rel=1e-6)
+    imp = importance if router == 'adaptive_k' else None
+    _, state = moe.apply(variables, x, training=training, token_importance=imp,
+                         mutable=['intermediates'])
+    (per_token,) = state['intermediates']['active_experts_per_token']
+    np.testing.assert_array_equal(per_token, np.asarray(route.mask).sum(-1).reshape(B, S))
 
   @parameterized.product(router=ROUTERS)
   def test_dispatch_impls_agree_without_drops(self, router):
