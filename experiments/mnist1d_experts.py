@@ -7,6 +7,7 @@ checkpoints, plots) under --out; a rerun resumes or skips finished runs.
 
   python experiments/mnist1d_experts.py                    # the README numbers (~35 min on 2 CPU cores)
   python experiments/mnist1d_experts.py --steps 200 --runs dense,adaptive   # quick look
+  python experiments/mnist1d_experts.py --runs dense,dynmoe_e8 --seeds 0,1,2  # seed spread
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dynmoe_jax import plots, train  # noqa: E402
 from dynmoe_jax.default_config import mnist1d_config  # noqa: E402
 
 
-def run_configs(steps: int, adaptive_every: int):
+def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   def dynmoe(num_experts):
     c = mnist1d_config('top_any')
     c.model.moe.num_experts = num_experts
@@ -46,6 +47,7 @@ def run_configs(steps: int, adaptive_every: int):
              'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
   for c in configs.values():
     c.num_train_steps = steps
+    c.seed = seed
     c.progress_bar = False
   return configs
 
@@ -73,20 +75,38 @@ def main():
   parser.add_argument('--adaptive_every', type=int, default=500)
   parser.add_argument('--runs',
                       default='dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,dynmoe_e8_k4,adaptive')
+  parser.add_argument('--seeds', default='0', help='comma-separated; seed 0 runs keep '
+                      'their old workdir names, others get a _seed<N> suffix')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                      'mnist1d_experts'))
   args = parser.parse_args()
-  configs = run_configs(args.steps, args.adaptive_every)
-  results = []
-  for name in args.runs.split(','):
-    workdir = os.path.join(args.out, 'runs', name)
-    print(f'== {name}', flush=True)
-    train.Trainer(configs[name], workdir).run()
-    results.append(summarize(name, workdir))
-    print(json.dumps({k: v for k, v in results[-1].items() if k != 'adaptations'}), flush=True)
+  seeds = [int(s) for s in args.seeds.split(',')]
+  results, by_seed = [], {}
+  for seed in seeds:
+    configs = run_configs(args.steps, args.adaptive_every, seed)
+    for name in args.runs.split(','):
+      workdir = os.path.join(args.out, 'runs', name + (f'_seed{seed}' if seed else ''))
+      print(f'== {name} seed {seed}', flush=True)
+      train.Trainer(configs[name], workdir).run()
+      summary = summarize(name, workdir)
+      summary['seed'] = seed
+      by_seed.setdefault(name, []).append(summary)
+      if seed == seeds[0]:
+        results.append(summary)
+      print(json.dumps({k: v for k, v in summary.items() if k != 'adaptations'}), flush=True)
 
-  with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump({'steps': args.steps, 'results': results}, f, indent=2)
+  out_name = 'results.json' if seeds == [0] else 'results_seeds.json'
+  with open(os.path.join(args.out, out_name), 'w') as f:
+    json.dump({'steps': args.steps, 'seeds': seeds, 'results': results,
+               'by_seed': by_seed}, f, indent=2)
+  if len(seeds) > 1:
+    print(f'\n| run | test accuracy, seeds {args.seeds} | mean ± std |')
+    print('|---|---|---|')
+    for name, runs in by_seed.items():
+      accs = 100 * np.array([r['accuracy'] for r in runs])
+      print(f"| {name} | {', '.join(f'{a:.1f}' for a in accs)} | "
+            f'{accs.mean():.2f} ± {accs.std(ddof=1):.2f} |')
+    return
   print('\n| run | test accuracy | active experts / token (per MoE layer) | experts per layer '
         '(final) | train steps/s |')
   print('|---|---|---|---|---|')
