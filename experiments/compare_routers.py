@@ -390,6 +390,7 @@ def write_plots(results: Dict[str, Any], out: str) -> List[str]:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   tasks = list(results['tasks'])
   written = []
 
@@ -451,6 +452,7 @@ def write_plots(results: Dict[str, Any], out: str) -> List[str]:
       ax.errorbar(xs, ys.mean(0), yerr=ys.std(0), marker='o', capsize=3, label=r['router'])
     if kind == 'loss':
       ax.set_xscale('log')
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
       unit = 'example' if task == 'mnist1d' else 'byte'
       ax.set_xlabel(f'per-{unit} test loss (median of each quintile)')
     else:
@@ -474,6 +476,8 @@ def main(argv=None):
   parser.add_argument('--timing_rounds', type=int, default=5)
   parser.add_argument('--timing_steps', type=int, default=20)
   parser.add_argument('--jobs', type=int, default=2, help='training runs at a time')
+  parser.add_argument('--plots_only', action='store_true',
+                      help='redraw the PNGs from OUT/results.json, nothing else')
   parser.add_argument('--train_only', action='store_true',
                       help='phase 1 only (the per-run worker of --jobs > 1)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
@@ -487,6 +491,9 @@ def main(argv=None):
   if unknown:
     parser.error(f'unknown tasks/routers {unknown}; tasks: {TASKS}, routers: {ROUTERS}')
   os.makedirs(args.out, exist_ok=True)
+  if args.plots_only:
+    with open(os.path.join(args.out, 'results.json')) as f:
+      return write_plots(json.load(f), args.out)
   # Seeds of one router compile the same programs: the persistent cache skips the repeats.
   jax.config.update('jax_compilation_cache_dir', os.path.join(args.out, 'runs', '.jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
