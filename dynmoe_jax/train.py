@@ -538,7 +538,8 @@ class Trainer:
           f.write(json.dumps({
               'step': step, 'layer': name, 'added': layer_plan.num_new,
               'removed': list(layer_plan.removed), 'experts_before': layer_plan.old_count,
-              'experts_after': layer_plan.new_count, 'seconds': seconds}) + '\n')
+              'experts_after': layer_plan.new_count, 'seconds': seconds,
+              'recompile_seconds': seconds - (planned - start)}) + '\n')
     return state
 
   def _postfix(self, row):

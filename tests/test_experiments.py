@@ -37,35 +37,53 @@ def test_every_preset_and_router_builds_a_valid_config(compare_routers):
   assert dense.model.mlp_dim == top1.model.moe.hidden_dim and top1.model.moe.k == 1
 
 
+def check_analysis(compare_routers, analysis):
+  bins = analysis['loss_bins']
+  assert len(bins) == compare_routers.LOSS_BINS
+  medians = [b['median_loss'] for b in bins]
+  assert medians == sorted(medians)
+  experts = np.array([b['experts_per_token'] for b in bins])
+  # eval-mode top-any: unrouted tokens fall back to one expert; 8 experts, one MoE block
+  assert experts.shape == (compare_routers.LOSS_BINS, 1)
+  assert np.all((experts >= 1) & (experts <= 8))
+  return sum(b['count'] for b in bins)
+
+
 def test_compare_routers_smoke(compare_routers, tmp_path):
   out = str(tmp_path)
-  results = compare_routers.main(['--preset', 'smoke', '--routers', 'top2,dynmoe',
-                                  '--seeds', '0', '--jobs', '2', '--timing_rounds', '1',
-                                  '--timing_steps', '2', '--out', out])
+  results = compare_routers.main(['--preset', 'smoke', '--tasks', 'mnist1d', '--routers',
+                                  'top2,dynmoe', '--seeds', '0', '--jobs', '2',
+                                  '--timing_rounds', '1', '--timing_steps', '2', '--out', out])
   with open(os.path.join(out, 'results.json')) as f:
-    assert json.load(f)['tasks'].keys() == {'mnist1d', 'lm'}
+    assert json.load(f)['tasks'].keys() == {'mnist1d'}
   for name in ('results.md', 'pareto.png', 'experts_per_layer.png', 'difficulty.png'):
     assert os.path.getsize(os.path.join(out, name)) > 0
-  for task, entry in results['tasks'].items():
-    rows = {r['router']: r for r in entry['rows']}
-    assert rows.keys() == {'top2', 'dynmoe'}
-    assert rows['top2']['mean_active_experts'] == pytest.approx(2.0)
-    assert rows['top2']['steps_per_sec_vs_top2'] == pytest.approx(1.0)
-    assert rows['dynmoe']['steps_per_sec_vs_top2'] > 0
-    assert rows['top2']['analysis'] == []  # fixed-k routers are not analysed
-    (analysis,) = rows['dynmoe']['analysis']
-    bins = analysis['loss_bins']
-    assert len(bins) == compare_routers.LOSS_BINS
-    medians = [b['median_loss'] for b in bins]
-    assert medians == sorted(medians)
-    experts = np.array([b['experts_per_token'] for b in bins])
-    # eval-mode top-any: unrouted tokens fall back to one expert; 8 experts per layer
-    assert experts.shape == (compare_routers.LOSS_BINS, 1)
-    assert np.all((experts >= 1) & (experts <= 8))
-    if task == 'mnist1d':
-      assert sum(b['count'] for b in bins) == 1000  # every test signal once
-      assert [n['noise_multiplier'] for n in analysis['noise']] == [1.0, 2.0, 4.0]
-    summary_path = os.path.join(out, 'runs', task, 'dynmoe', 'seed_0', 'summary.json')
-    assert os.path.exists(summary_path)
+  rows = {r['router']: r for r in results['tasks']['mnist1d']['rows']}
+  assert rows.keys() == {'top2', 'dynmoe'}
+  assert rows['top2']['mean_active_experts'] == pytest.approx(2.0)
+  assert rows['top2']['steps_per_sec_vs_top2'] == pytest.approx(1.0)
+  assert rows['dynmoe']['steps_per_sec_vs_top2'] > 0
+  assert rows['top2']['analysis'] == []  # fixed-k routers are not analysed
+  (analysis,) = rows['dynmoe']['analysis']
+  assert check_analysis(compare_routers, analysis) == 1000  # every test signal once
+  assert [n['noise_multiplier'] for n in analysis['noise']] == [1.0, 2.0, 4.0]
+  assert os.path.exists(os.path.join(out, 'runs', 'mnist1d', 'dynmoe', 'seed_0', 'summary.json'))
   table = open(os.path.join(out, 'results.md')).read()
-  assert '| mnist1d router | test accuracy (%)' in table and '| lm router | test bits/byte' in table
+  assert '| mnist1d router | test accuracy (%)' in table
+
+
+def test_lm_run_summary_and_per_byte_analysis(compare_routers, tmp_path):
+  import argparse
+  args = argparse.Namespace(out=str(tmp_path), preset='smoke')
+  summary = compare_routers.train_one(args, 'lm', 'dynmoe', 0)
+  assert summary['metric'] == 'bits_per_byte' and 0 < summary['value'] < 9
+  assert summary['final_experts'] == {'layer_1': 8}
+  config = compare_routers.make_config('lm', 'dynmoe', 0, 'smoke')
+  analysis = compare_routers.routing_analysis(
+      config, compare_routers.run_dir(args, 'lm', 'dynmoe', 0))
+  # every target byte of test[:32] once: 32 chunks x 16 targets, no padding in the corpus
+  assert check_analysis(compare_routers, analysis) == 32 * 16
+  assert 'noise' not in analysis
+  table = compare_routers.markdown_table('lm', compare_routers.aggregate(
+      {'lm': {'dynmoe': [summary]}}['lm'], {}, {}))
+  assert '| lm router | test bits/byte' in table and '| dynmoe |' in table
