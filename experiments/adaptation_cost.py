@@ -5,9 +5,11 @@ Measured in one process, one after the other, on an otherwise idle machine:
      median of `--rounds` rounds of `--steps` steps;
   2. the default job started from 2 experts with adaptive experts on, boundaries every
      `--every` steps: each boundary's plan + reallocate and recompile seconds, as the
-     trainer logs them in adaptation.jsonl.
+     trainer logs them in adaptation.jsonl;
+  3. what the recompile is made of: `Trainer._compile` of the default model with dense
+     FFNs, with top-k, and with top-any (the default), each timed once.
 
-  python experiments/adaptation_cost.py        # ~3 minutes on 2 CPU cores
+  python experiments/adaptation_cost.py        # ~3 minutes on 2 CPU cores (idle)
 """
 from __future__ import annotations
 
@@ -48,6 +50,27 @@ def default_step_seconds(workdir: str, rounds: int, steps: int) -> float:
   return float(np.median(times))
 
 
+def compile_seconds(workdir: str) -> dict:
+  """Seconds to build and ahead-of-time compile the train step, per model variant."""
+  from dynmoe_jax import config_lib
+  variants = {'dense FFNs': {'moe_layers': 'none'}, 'top-k (k=2)': {'router': 'top_k'},
+              'top-any (default)': {}}
+  out = {}
+  for name, edit in variants.items():
+    config = mnist1d_config('top_any')
+    config.progress_bar = False
+    if 'moe_layers' in edit:
+      config.model.moe_layers = edit['moe_layers']
+    if 'router' in edit:
+      config.model.moe.router = edit['router']
+    trainer = train.Trainer(config, os.path.join(workdir, name.split()[0]))
+    start = time.perf_counter()
+    trainer._compile(config_lib.experts_layout(config))
+    out[name] = time.perf_counter() - start
+    trainer.checkpointer.close()
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=5)
@@ -71,6 +94,7 @@ def main(argv=None):
     workdir = os.path.join(tmp, 'adaptive')
     result = train.Trainer(config, workdir).run()
     events = plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
+    variants = compile_seconds(os.path.join(tmp, 'variants'))
   boundaries = {}
   for e in events:  # one row per resized layer; the timings are per boundary
     boundaries.setdefault(e['step'], e)
@@ -84,8 +108,13 @@ def main(argv=None):
   for r in rows:
     print(f"| {r['step']} | {r['seconds']:.2f} | {r['recompile_seconds']:.2f} | "
           f"{r['in_default_steps']:.1f} |")
+  print('\n| model (default job) | train step compile s | in default train steps |')
+  print('|---|---|---|')
+  for name, seconds in variants.items():
+    print(f'| {name} | {seconds:.2f} | {seconds / step_seconds:.1f} |')
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump({'default_step_seconds': step_seconds, 'boundaries': rows,
+               'compile_seconds': variants,
                'final_experts_per_layer': result['experts_per_layer'],
                'devices': str(jax.devices())}, f, indent=1)
   plot(rows, step_seconds, os.path.join(args.out, 'adaptation_cost.png'))
