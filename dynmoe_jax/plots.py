@@ -20,6 +20,15 @@ def _moe_layers(rows):
                 key=lambda n: int(n.split('_')[-1]))
 
 
+def save_figure(fig, path: str, dpi: int) -> str:
+  """Writes `fig` as a PNG at `path` and releases it."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
 def write_plots(workdir: str) -> List[str]:
   import matplotlib
   matplotlib.use('Agg')
@@ -33,11 +42,7 @@ def write_plots(workdir: str) -> List[str]:
   written = []
 
   def save(fig, name):
-    path = os.path.join(out_dir, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, os.path.join(out_dir, name), dpi=110))
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for split, series in (('train', train), ('eval', evals)):

@@ -236,10 +236,11 @@ def train_all(args) -> Dict[str, Dict[str, List[Dict]]]:
 
 
 def restored(config, workdir: str):
-  """(trainer, final train state) of a finished run."""
+  """(trainer, final train state) of a finished run; nothing more is saved to it."""
   trainer = train.Trainer(config, workdir)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     state = trainer.restore_or_init()
+  trainer.checkpointer.close()
   return trainer, state
 
 
@@ -250,7 +251,6 @@ def time_train_steps(args, task: str) -> Dict[str, float]:
   for router in args.routers:
     config = make_config(task, router, args.seeds[0], args.preset)
     trainer, state = restored(config, run_dir(args, task, router, args.seeds[0]))
-    trainer.checkpointer.close()
     batch = trainer._device_batch(trainer.stream.batch(0))
     steppers[router] = [trainer, state, batch]
   seconds = {router: [] for router in steppers}
@@ -285,7 +285,6 @@ def per_token_experts(trainer, params, batch):
 def routing_analysis(config, workdir: str) -> Dict[str, Any]:
   """Experts per token against difficulty for one finished run."""
   trainer, state = restored(config, workdir)
-  trainer.checkpointer.close()
   task = config.model.task
   forward = jax.jit(lambda params, batch: per_token_experts(trainer, params, batch))
   d = config.data
@@ -395,11 +394,7 @@ def write_plots(results: Dict[str, Any], out: str) -> List[str]:
   written = []
 
   def save(fig, name):
-    path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(plots.save_figure(fig, os.path.join(out, name), dpi=120))
 
   fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
   for ax, task in zip(axes[0], tasks):

@@ -85,5 +85,5 @@ def test_lm_run_summary_and_per_byte_analysis(compare_routers, tmp_path):
   assert check_analysis(compare_routers, analysis) == 32 * 16
   assert 'noise' not in analysis
   table = compare_routers.markdown_table('lm', compare_routers.aggregate(
-      {'lm': {'dynmoe': [summary]}}['lm'], {}, {}))
+      {'dynmoe': [summary]}, {}, {}))
   assert '| lm router | test bits/byte' in table and '| dynmoe |' in table
