@@ -105,6 +105,34 @@ def _normalize(v: np.ndarray) -> np.ndarray:
   return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
+def planned_experts(record: RecordAccumulator, *, min_experts: int, max_experts: int
+                    ) -> Tuple[Tuple[int, ...], bool]:
+  """Which experts stay and whether one is added: the part of the plan that fixes the
+  new shapes. It depends on the record alone, so the next layout can be compiled
+  before the parameters it will be applied to exist."""
+  old = int(record.tokens_per_expert.shape[0])
+  unused = [e for e in range(old) if record.tokens_per_expert[e] == 0]
+  add = record.unrouted_count > 0
+  # Never fall below min_experts: unused experts with the lowest index are kept first.
+  floor = max(min_experts - int(add), 1)
+  removable = max(0, old - floor)
+  removed = set(unused[len(unused) - min(len(unused), removable):]) if unused else set()
+  keep = tuple(e for e in range(old) if e not in removed)
+  return keep, add and len(keep) < max_experts
+
+
+def planned_layout(layout: Sequence[int], records: Mapping[str, RecordAccumulator], *,
+                   min_experts: int, max_experts: int) -> Tuple[int, ...]:
+  """Experts per layer after the boundary that `records` (MoE layer name, e.g.
+  'layer_1', -> its window) will be planned from."""
+  counts = list(layout)
+  for name, record in records.items():
+    if record.steps:
+      keep, add = planned_experts(record, min_experts=min_experts, max_experts=max_experts)
+      counts[int(name.split('_')[-1])] = len(keep) + int(add)
+  return tuple(counts)
+
+
 def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
                moe_axes: Mapping[str, int], moe: layers_lib.MoE, *, min_experts: int,
                max_experts: int, new_expert_init: str, rng: jax.Array) -> LayerPlan:
@@ -115,14 +143,7 @@ def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
   moe_params: the layer's MoE params (unboxed); moe_axes: their expert axes.
   """
   old = int(record.tokens_per_expert.shape[0])
-  unused = [e for e in range(old) if record.tokens_per_expert[e] == 0]
-  add = record.unrouted_count > 0
-  # Never fall below min_experts: unused experts with the lowest index are kept first.
-  floor = max(min_experts - int(add), 1)
-  removable = max(0, old - floor)
-  removed = set(unused[len(unused) - min(len(unused), removable):]) if unused else set()
-  keep = tuple(e for e in range(old) if e not in removed)
-  add = add and len(keep) < max_experts
+  keep, add = planned_experts(record, min_experts=min_experts, max_experts=max_experts)
   if not add:
     return LayerPlan(keep=keep, old_count=old)
 

@@ -160,8 +160,11 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if a.enabled:
     positive_int('adaptive.every', a.every)
     positive_int('adaptive.record_steps', a.record_steps)
-    if a.record_steps > a.every:
-      _fail('adaptive.record_steps', a.record_steps, f'must be <= adaptive.every={a.every}')
+    positive_int('adaptive.compile_lead_steps', a.compile_lead_steps, allow_zero=True)
+    if a.record_steps + a.compile_lead_steps > a.every:
+      _fail('adaptive.record_steps', a.record_steps,
+            f'plus adaptive.compile_lead_steps={a.compile_lead_steps} must be <= '
+            f'adaptive.every={a.every}')
     positive_int('adaptive.min_experts', a.min_experts)
     positive_int('adaptive.max_experts', a.max_experts)
     if a.min_experts > a.max_experts:

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.adaptive.enabled = False
   c.adaptive.every = 500               # steps between add/remove boundaries
   c.adaptive.record_steps = 100        # routing window recorded before each boundary
+  # The window ends this many steps before its boundary; the new layout's steps compile on
+  # a thread meanwhile, so training does not stop for the compiler. 0: compile at the
+  # boundary (training waits). Set it near compile seconds / step seconds.
+  c.adaptive.compile_lead_steps = 100
   c.adaptive.min_experts = 1
   c.adaptive.max_experts = 16
   c.adaptive.new_expert_init = 'fresh'  # fresh | copy_nearest

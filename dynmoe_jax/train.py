@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -212,6 +213,11 @@ class Trainer:
     self._stop_requested = False
     self.records: Dict[str, adaptive.RecordAccumulator] = {}
     self.compiled: Optional[Compiled] = None
+    # The next boundary's layout and its train/eval steps, compiling on a thread while
+    # training goes on (adaptive.compile_lead_steps); the future is None when the
+    # layout will not change.
+    self._ahead: Optional[Tuple[Tuple[int, ...], Optional[concurrent.futures.Future]]] = None
+    self._compiler: Optional[concurrent.futures.ThreadPoolExecutor] = None
     os.makedirs(self.workdir, exist_ok=True)
 
     d = config.data
@@ -229,29 +235,42 @@ class Trainer:
   # -- state construction -------------------------------------------------------------
 
   def _compile(self, layout: Tuple[int, ...]) -> Compiled:
-    model = config_lib.build_model(self.config, layout)
-    boxed = jax.eval_shape(self._init_boxed(model), jax.random.PRNGKey(0))
-    shardings = sharding.param_shardings(boxed, self.mesh)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        sharding.strip_boxes(boxed), shardings)
-    batch_shard = lambda a: sharding.batch_sharding(self.mesh, np.ndim(a))
-    example = self.example_batch
-    batch_shardings = {k: batch_shard(v) for k, v in example.items()}
-    eval_shardings = {**batch_shardings, 'mask': batch_shard(np.zeros(1))}
-    abstract_batch = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + v.shape[1:], v.dtype,
-                                              sharding=batch_shardings[k])
-                      for k, v in example.items()}
-    # Compiled ahead of time so that the cost of a new layout is paid (and timed) here.
+    # Enters the mesh and axis rules itself (both are thread-local): it also runs on the
+    # compile-ahead thread.
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      model = config_lib.build_model(self.config, layout)
+      boxed = jax.eval_shape(self._init_boxed(model), jax.random.PRNGKey(0))
+      shardings = sharding.param_shardings(boxed, self.mesh)
+      abstract_state = jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+          sharding.strip_boxes(boxed), shardings)
+
+      def abstract_batch(rows, example):
+        return {k: jax.ShapeDtypeStruct((rows,) + np.shape(v)[1:], np.asarray(v).dtype,
+                                        sharding=sharding.batch_sharding(self.mesh, np.ndim(v)))
+                for k, v in example.items()}
+      train_batch = abstract_batch(self.config.batch_size, self.example_batch)
+      eval_batch = abstract_batch(self.config.eval_batch_size,
+                                  {**self.example_batch, 'mask': np.zeros(1, np.float32)})
+      # Both steps are compiled ahead of time, so that a new layout's whole cost is paid
+      # (and timed) here rather than at its first step or first evaluation.
       train_step = jax.jit(make_train_step(model, self.tx, self.config),
-                           in_shardings=(shardings, batch_shardings),
+                           in_shardings=(shardings, jax.tree.map(lambda a: a.sharding,
+                                                                 train_batch)),
                            out_shardings=(shardings, None, None), donate_argnums=(0,)
-                           ).lower(abstract_state, abstract_batch).compile()
-    eval_step = jax.jit(make_eval_step(model, self.config),
-                        in_shardings=(shardings.params, eval_shardings))
+                           ).lower(abstract_state, train_batch).compile()
+      eval_step = jax.jit(make_eval_step(model, self.config)).lower(
+          abstract_state.params, eval_batch).compile()
     return Compiled(layout, model, shardings, abstract_state,
                     adaptive.expert_axes(boxed.params), train_step, eval_step)
+
+  def _compile_timed(self, layout: Tuple[int, ...], background: bool = False
+                     ) -> Tuple[Compiled, float]:
+    if background:
+      _lower_thread_priority()
+    start = time.perf_counter()
+    compiled = self._compile(layout)
+    return compiled, time.perf_counter() - start
 
   def _init_boxed(self, model):
     sample = jnp.asarray(self.sample_inputs)
@@ -435,7 +454,9 @@ class Trainer:
       status = 'completed'
       # The next batch is read on a thread while the current step runs.
       prefetch = concurrent.futures.ThreadPoolExecutor(1)
+      self._compiler = concurrent.futures.ThreadPoolExecutor(1, 'compile-ahead')
       pending = prefetch.submit(self.stream.batch, step)
+      self._maybe_compile_ahead(step)  # a run resumed between a window and its boundary
       while step < config.num_train_steps:
         batch = self._device_batch(pending.result())
         pending = prefetch.submit(self.stream.batch, step + 1)
@@ -464,6 +485,7 @@ class Trainer:
           state = self.adapt(state, step)
         if step % config.checkpoint_every == 0 or last or boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
+        self._maybe_compile_ahead(step)
         if self.on_step is not None:  # tests: may inspect or replace self.state
           self.state = state
           self.on_step(self, step)
@@ -473,6 +495,7 @@ class Trainer:
           break
       bar.close()
       prefetch.shutdown(wait=True, cancel_futures=True)
+      self._compiler.shutdown(wait=True, cancel_futures=True)
     self.state = state
     if self.is_main and status == 'completed':
       plots.write_plots(self.workdir)
@@ -482,11 +505,14 @@ class Trainer:
   # -- adaptive experts -----------------------------------------------------------------
 
   def _recording(self, step: int) -> bool:
+    """Steps whose routing the next boundary plans from: the `record_steps` steps that
+    end `compile_lead_steps` before the boundary."""
     a = self.config.adaptive
     if not a.enabled:
       return False
-    into_window = (step - 1) % a.every + 1  # 1..every
-    return into_window > a.every - a.record_steps
+    into_interval = (step - 1) % a.every + 1  # 1..every
+    window_end = a.every - a.compile_lead_steps
+    return window_end - a.record_steps < into_interval <= window_end
 
   def _accumulate(self, records):
     for name, record in jax.device_get(records).items():
@@ -495,8 +521,42 @@ class Trainer:
             record.tokens_per_expert.shape[0], record.unrouted_input_sum.shape[0])
       self.records[name].add(record)
 
+  def _maybe_compile_ahead(self, step: int):
+    """Once the routing window before a boundary is complete, start compiling the layout
+    that boundary will produce, so that training goes on meanwhile. The layout follows
+    from the records alone; the resize itself waits for the boundary's parameters."""
+    a = self.config.adaptive
+    if not a.enabled or not a.compile_lead_steps or self._ahead is not None:
+      return
+    boundary = (step // a.every + 1) * a.every
+    if not (boundary - a.compile_lead_steps <= step and boundary < self.config.num_train_steps):
+      return
+    layout = adaptive.planned_layout(self.compiled.layout, self.records,
+                                     min_experts=a.min_experts, max_experts=a.max_experts)
+    future = None
+    if layout != self.compiled.layout:
+      future = self._compiler.submit(self._compile_timed, layout, background=True)
+      log.info('step %d: routing window complete; compiling experts per layer %s for the '
+               'boundary at step %d in the background', step, list(layout), boundary)
+    self._ahead = (layout, future)
+
+  def _compiled_for(self, layout: Tuple[int, ...]) -> Tuple[Compiled, float, float, bool]:
+    """The steps for `layout`: (compiled, seconds compiling, seconds training waited for
+    them, whether they were compiled ahead)."""
+    ahead, self._ahead = self._ahead, None
+    start = time.perf_counter()
+    if ahead is not None and ahead[1] is not None and ahead[0] == layout:
+      compiled, compile_seconds = ahead[1].result()
+      return compiled, compile_seconds, time.perf_counter() - start, True
+    if ahead is not None:
+      log.warning('the boundary planned experts per layer %s, not the %s compiled ahead; '
+                  'compiling now', list(layout), list(ahead[0]))
+    compiled, compile_seconds = self._compile_timed(layout)
+    return compiled, compile_seconds, compile_seconds, False
+
   def adapt(self, state: TrainState, step: int) -> TrainState:
-    """Plan from the recorded window, reallocate params and optimizer state, recompile."""
+    """Plan from the recorded window, reallocate params and optimizer state, and switch
+    to the new layout's steps (compiled ahead, or now)."""
     a = self.config.adaptive
     start = time.perf_counter()
     host = jax.device_get(state)
@@ -519,17 +579,21 @@ class Trainer:
     self.records = {}
     plan = adaptive.ResizePlan(plans, self.compiled.expert_axes)
     if plan.is_noop:
+      self._ahead = None
       return state
     params, opt_state = adaptive.resize(host.params, host.opt_state, plan)
     new_layout = adaptive.new_layout(layout, plan)
-    planned = time.perf_counter()
-    self.compiled = self._compile(new_layout)
+    plan_seconds = time.perf_counter() - start
+    self.compiled, compile_seconds, waited, ahead = self._compiled_for(new_layout)
     state = jax.device_put(host.replace(params=params, opt_state=opt_state),
                            self.compiled.shardings)
-    seconds = time.perf_counter() - start
-    log.info('step %d: experts per layer %s -> %s; adaptation took %.2fs (plan + reallocate '
-             '%.2fs, recompile %.2fs)', step, list(layout), list(new_layout), seconds,
-             planned - start, seconds - (planned - start))
+    paused = time.perf_counter() - start
+    how = (f'compiled in the background over the last {a.compile_lead_steps} steps'
+           if ahead else 'compiled at the boundary')
+    log.info('step %d: experts per layer %s -> %s; training paused %.2fs (plan + reallocate '
+             '%.2fs, waiting for the new steps %.2fs); the new steps took %.2fs to compile, %s',
+             step, list(layout), list(new_layout), paused, plan_seconds, waited,
+             compile_seconds, how)
     if self.is_main:
       with open(os.path.join(self.workdir, 'adaptation.jsonl'), 'a') as f:
         for (name, _), layer_plan in plans.items():
@@ -538,8 +602,9 @@ class Trainer:
           f.write(json.dumps({
               'step': step, 'layer': name, 'added': layer_plan.num_new,
               'removed': list(layer_plan.removed), 'experts_before': layer_plan.old_count,
-              'experts_after': layer_plan.new_count, 'seconds': seconds,
-              'recompile_seconds': seconds - (planned - start)}) + '\n')
+              'experts_after': layer_plan.new_count, 'compiled_ahead': ahead,
+              'seconds': paused, 'plan_seconds': plan_seconds,
+              'compile_wait_seconds': waited, 'recompile_seconds': compile_seconds}) + '\n')
     return state
 
   def _postfix(self, row):
@@ -550,6 +615,20 @@ class Trainer:
     if active:
       out['experts'] = f'{np.mean(active):.2f}'
     return out
+
+
+def _lower_thread_priority():
+  """The compile-ahead thread yields the CPU to training (nice 10): where the host has
+  idle cores it makes no difference; where training keeps every core busy (a small CPU
+  host) the compile uses the gaps instead of slowing the steps. Linux only: elsewhere the
+  call would not address a thread."""
+  if not sys.platform.startswith('linux'):
+    return
+  import threading
+  try:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+  except OSError as e:
+    log.debug('could not lower the compile thread priority: %s', e)
 
 
 def _main_thread() -> bool:

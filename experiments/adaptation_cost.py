@@ -4,12 +4,16 @@ Measured in one process, one after the other, on an otherwise idle machine:
   1. the default job's (configs/mnist1d_dynmoe.py, 8 experts per MoE block) train step:
      median of `--rounds` rounds of `--steps` steps;
   2. the default job started from 2 experts with adaptive experts on, boundaries every
-     `--every` steps: each boundary's plan + reallocate and recompile seconds, as the
-     trainer logs them in adaptation.jsonl;
-  3. what the recompile is made of: `Trainer._compile` of the default model with dense
+     `--every` steps, run twice: compiling each new layout at its boundary
+     (adaptive.compile_lead_steps=0, training waits) and ahead of it on a thread
+     (`--leads`: steps before the boundary). A boundary costs the time training was paused there (plan +
+     reallocate + any wait for the compiler, from adaptation.jsonl) plus how much slower
+     the lead steps ran while the compiler shared the CPU: the sum over those steps of
+     (step time - the median step time of the same layout's steps outside any window);
+  3. what a compile is made of: `Trainer._compile` of the default model with dense
      FFNs, with top-k, and with top-any (the default), each timed once.
 
-  python experiments/adaptation_cost.py        # ~3 minutes on 2 CPU cores (idle)
+  python experiments/adaptation_cost.py        # ~6 minutes on 2 CPU cores (idle)
 """
 from __future__ import annotations
 
@@ -71,72 +75,113 @@ def compile_seconds(workdir: str) -> dict:
   return out
 
 
+def adaptive_run(workdir: str, every: int, record_steps: int, lead: int,
+                 boundaries: int) -> dict:
+  """Train the default job from 2 experts; per boundary: seconds paused there and seconds
+  lost to the lead steps' slowdown, from per-step wall times."""
+  config = mnist1d_config('top_any')
+  config.progress_bar = False
+  config.model.moe.num_experts = 2
+  config.num_train_steps = every * (boundaries + 1)
+  config.eval_every = config.checkpoint_every = config.num_train_steps
+  config.adaptive.enabled = True
+  config.adaptive.every = every
+  config.adaptive.record_steps = record_steps
+  config.adaptive.compile_lead_steps = lead
+  ends = {}  # step -> wall time when it had finished (the trainer syncs every step)
+  trainer = train.Trainer(config, workdir,
+                          on_step=lambda _, step: ends.__setitem__(step, time.perf_counter()))
+  result = trainer.run()
+  seconds = {s: ends[s] - ends[s - 1] for s in ends if s - 1 in ends}
+  events = plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
+  by_step = {}
+  for e in events:  # one row per resized layer; the timings are per boundary
+    by_step.setdefault(e['step'], e)
+  rows = []
+  for boundary, e in sorted(by_step.items()):
+    interval_start = boundary - every
+    window_start = boundary - lead - record_steps
+    # Steps of the same layout that are neither recorded, nor compiling, nor a boundary.
+    clean = [seconds[s] for s in range(interval_start + 2, window_start + 1) if s in seconds]
+    lead_steps = [seconds[s] for s in range(boundary - lead + 1, boundary) if s in seconds]
+    baseline = float(np.median(clean))
+    slowdown = float(sum(t - baseline for t in lead_steps))
+    rows.append({'step': boundary, 'lead_steps': lead, 'paused_seconds': e['seconds'],
+                 'plan_seconds': e['plan_seconds'],
+                 'compile_wait_seconds': e['compile_wait_seconds'],
+                 'compile_seconds': e['recompile_seconds'],
+                 'lead_slowdown_seconds': slowdown, 'step_seconds_outside_windows': baseline,
+                 'total_seconds': e['seconds'] + slowdown,
+                 'experts_after': {x['layer']: x['experts_after'] for x in events
+                                   if x['step'] == boundary}})
+  return {'rows': rows, 'final_experts_per_layer': result['experts_per_layer']}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--every', type=int, default=30)
+  parser.add_argument('--every', type=int, default=160)
+  parser.add_argument('--record_steps', type=int, default=20)
+  parser.add_argument('--leads', default='0,100',
+                      help='adaptive.compile_lead_steps of each run; 0 compiles at the '
+                           "boundary, 100 is the default config's value")
   parser.add_argument('--boundaries', type=int, default=3)
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                      'adaptation_cost'))
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  runs = {}
   with tempfile.TemporaryDirectory() as tmp:
     step_seconds = default_step_seconds(os.path.join(tmp, 'default'), args.rounds, args.steps)
-    config = mnist1d_config('top_any')
-    config.progress_bar = False
-    config.model.moe.num_experts = 2
-    config.num_train_steps = args.every * (args.boundaries + 1)
-    config.eval_every = config.checkpoint_every = config.num_train_steps
-    config.adaptive.enabled = True
-    config.adaptive.every = args.every
-    config.adaptive.record_steps = args.every // 2
-    workdir = os.path.join(tmp, 'adaptive')
-    result = train.Trainer(config, workdir).run()
-    events = plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
+    for lead in [int(x) for x in args.leads.split(',')]:
+      mode = f'{lead} steps ahead' if lead else 'at boundary'
+      runs[mode] = adaptive_run(os.path.join(tmp, f'lead{lead}'), args.every,
+                                args.record_steps, lead, args.boundaries)
     variants = compile_seconds(os.path.join(tmp, 'variants'))
-  boundaries = {}
-  for e in events:  # one row per resized layer; the timings are per boundary
-    boundaries.setdefault(e['step'], e)
-  rows = [{'step': step, 'seconds': e['seconds'], 'recompile_seconds': e['recompile_seconds'],
-           'in_default_steps': e['seconds'] / step_seconds}
-          for step, e in sorted(boundaries.items())]
   print(f'default config train step: {1e3 * step_seconds:.0f} ms (median of {args.rounds} '
         f'rounds of {args.steps})')
-  print('| boundary step | adaptation s | of which recompile s | in default train steps |')
-  print('|---|---|---|---|')
-  for r in rows:
-    print(f"| {r['step']} | {r['seconds']:.2f} | {r['recompile_seconds']:.2f} | "
-          f"{r['in_default_steps']:.1f} |")
-  print('\n| model (default job) | train step compile s | in default train steps |')
+  print('| compile | boundary step | paused s (of which waiting for compiler) | lead-step '
+        'slowdown s | compile s | total s | in default train steps |')
+  print('|---|---|---|---|---|---|---|')
+  for mode, run in runs.items():
+    for r in run['rows']:
+      r['in_default_steps'] = r['total_seconds'] / step_seconds
+      print(f"| {mode} | {r['step']} | {r['paused_seconds']:.2f} "
+            f"({r['compile_wait_seconds']:.2f}) | {r['lead_slowdown_seconds']:.2f} | "
+            f"{r['compile_seconds']:.2f} | {r['total_seconds']:.2f} | "
+            f"{r['in_default_steps']:.1f} |")
+  print('\n| model (default job) | train + eval step compile s | in default train steps |')
   print('|---|---|---|')
   for name, seconds in variants.items():
     print(f'| {name} | {seconds:.2f} | {seconds / step_seconds:.1f} |')
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump({'default_step_seconds': step_seconds, 'boundaries': rows,
-               'compile_seconds': variants,
-               'final_experts_per_layer': result['experts_per_layer'],
-               'devices': str(jax.devices())}, f, indent=1)
-  plot(rows, step_seconds, os.path.join(args.out, 'adaptation_cost.png'))
-  return rows
+    json.dump({'default_step_seconds': step_seconds, 'args': vars(args), 'runs': runs,
+               'compile_seconds': variants, 'devices': str(jax.devices())}, f, indent=1)
+  plot(runs, step_seconds, os.path.join(args.out, 'adaptation_cost.png'))
+  return runs
 
 
-def plot(rows, step_seconds, path):
+def plot(runs, step_seconds, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  steps = [str(r['step']) for r in rows]
-  recompile = [r['recompile_seconds'] / step_seconds for r in rows]
-  rest = [(r['seconds'] - r['recompile_seconds']) / step_seconds for r in rows]
-  ax.bar(steps, rest, label='plan + reallocate')
-  ax.bar(steps, recompile, bottom=rest, label='recompile')
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  width = 0.8 / len(runs)
+  for i, (mode, run) in enumerate(runs.items()):
+    x = np.arange(len(run['rows'])) + i * width
+    paused = [r['paused_seconds'] / step_seconds for r in run['rows']]
+    slowdown = [max(r['lead_slowdown_seconds'], 0.0) / step_seconds for r in run['rows']]
+    ax.bar(x, paused, width, label=f'compile {mode}: training paused', color=f'C{2 * i}')
+    ax.bar(x, slowdown, width, bottom=paused, label=f'compile {mode}: lead steps slower',
+           color=f'C{2 * i + 1}')
+  labels = [str(r['step']) for r in next(iter(runs.values()))['rows']]
+  ax.set_xticks(np.arange(len(labels)) + width * (len(runs) - 1) / 2, labels)
   ax.axhline(50, color='red', linestyle='--', label='target: 50 steps')
-  ax.set_xlabel('boundary step')
+  ax.set_xlabel('boundary')
   ax.set_ylabel('cost in default-config train steps')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  ax.legend(fontsize=7)
+  plots.save_figure(fig, path, dpi=120)
 
 
 if __name__ == '__main__':

@@ -38,6 +38,7 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   adaptive.adaptive.enabled = True
   adaptive.adaptive.every = adaptive_every
   adaptive.adaptive.record_steps = max(1, adaptive_every // 5)
+  adaptive.adaptive.compile_lead_steps = adaptive_every // 5
   adaptive.adaptive.min_experts = 1
   adaptive.adaptive.max_experts = 16
   # 8 experts with capacity sized for 4 active experts per token instead of k=2

@@ -39,8 +39,9 @@ def main():
   config.model.moe.capacity_factor = 8.0
   if args.get('adaptive') == '1':
     config.adaptive.enabled = True
-    config.adaptive.every = 2
+    config.adaptive.every = 3
     config.adaptive.record_steps = 1
+    config.adaptive.compile_lead_steps = 1  # the compile-ahead thread lowers on the mesh
     config.adaptive.min_experts = 1
     config.adaptive.max_experts = 8
     config.model.moe.top_any_scale = 4.0  # sharper gates: some tokens activate no expert

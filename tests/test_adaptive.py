@@ -66,6 +66,21 @@ def test_plan_respects_min_and_max():
   assert layer.is_noop
 
 
+def test_planned_layout_is_the_layout_the_plan_gives():
+  # The trainer compiles planned_layout's shapes before plan_layer runs at the boundary.
+  moe, _, boxed, params = init_moe()
+  records = {'layer_1': record([5, 0, 3, 0], 7, np.ones(D)), 'layer_3': record([0, 0, 0, 9]),
+             'layer_5': record([1, 1, 1, 1], 4, np.ones(D))}
+  kw = dict(min_experts=3, max_experts=4)
+  got = adaptive.planned_layout((0, 4, 0, 4, 0, 4), records, **kw)
+  want = [0, 4, 0, 4, 0, 4]
+  for name, rec in records.items():
+    want[int(name[-1])] = make_plan(moe, boxed, params, rec, **kw)[1].new_count
+  assert got == tuple(want) == (0, 3, 0, 3, 0, 4)
+  empty = adaptive.RecordAccumulator.empty(4, D)  # a layer that recorded nothing keeps its count
+  assert adaptive.planned_layout((0, 4), {'layer_1': empty}, **kw) == (0, 4)
+
+
 def test_noop_plan_gives_identical_trees():
   moe, _, boxed, params = init_moe()
   opt_state = optax.adamw(1e-3).init(params)
@@ -135,10 +150,11 @@ def test_top_k_router_column_is_the_gate_embedding():
 def adaptive_tiny():
   config = load_config('tiny')
   config.num_train_steps = 30
-  config.checkpoint_every = 10
+  config.checkpoint_every = 9  # step 18 lies between the window and the boundary at 20
   config.adaptive.enabled = True
   config.adaptive.every = 10
-  config.adaptive.record_steps = 5
+  config.adaptive.record_steps = 4
+  config.adaptive.compile_lead_steps = 3  # window 4-7, compile ahead during 8-9, boundary 10
   config.adaptive.min_experts = 2
   config.adaptive.max_experts = 6
   config.model.moe.num_experts = 2
@@ -152,11 +168,12 @@ def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
   result = straight.run()
   events = [json.loads(l) for l in open(tmp_path / 'straight' / 'adaptation.jsonl')]
   assert events and {e['step'] for e in events} <= {10, 20}
+  assert all(e['compiled_ahead'] for e in events)
   assert result['experts_per_layer'][1] == events[-1]['experts_after'] != 2
   assert os.path.exists(tmp_path / 'straight' / 'plots' / 'experts_per_layer.png')
 
   def crash(trainer, step):
-    if step == 17:
+    if step == 19:  # resumes from 18: records complete, the next layout not yet compiled
       raise RuntimeError('simulated kill')
 
   with pytest.raises(RuntimeError, match='simulated kill'):

@@ -53,6 +53,12 @@ BAD_CONFIGS = [
      'mesh axes (3)'),
     ('mesh.data', 0, 'config.mesh: mesh sizes must be positive ints or -1'),
     ('log_every', 0, 'config.log_every=0'),
+    ({'adaptive.enabled': True, 'adaptive.every': 100, 'adaptive.record_steps': 50,
+      'adaptive.compile_lead_steps': 60},
+     'config.adaptive.record_steps=50 is invalid: plus adaptive.compile_lead_steps=60 must be '
+     '<= adaptive.every=100'),
+    ({'adaptive.enabled': True, 'adaptive.compile_lead_steps': -1},
+     'config.adaptive.compile_lead_steps=-1 is invalid: must be an int >= 0'),
 ]
 
 

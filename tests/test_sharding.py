@@ -58,9 +58,10 @@ def test_six_experts_on_an_expert_axis_of_four(tmp_path, single_device, impl):
 
 
 def test_adaptive_resize_reshards_on_the_mesh(tmp_path):
-  # 4 experts on an expert axis of 4; resizes at steps 2 and 4 give counts the axis
-  # may not divide, and the sharded run must still match one device.
-  kw = dict(experts=4, adaptive=1, steps=6)
+  # 4 experts on an expert axis of 4; resizes at steps 3 and 6 (each compiled ahead on a
+  # thread) give counts the axis may not divide, and the sharded run must still match one
+  # device.
+  kw = dict(experts=4, adaptive=1, steps=7)
   single = run_worker(tmp_path, 'adaptive_single', **kw)
   sharded = run_worker(tmp_path, 'adaptive_sharded', devices=8, data=2, expert=4, **kw)
   assert list(sharded['experts_per_layer']) == list(single['experts_per_layer'])
