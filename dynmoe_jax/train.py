@@ -264,10 +264,7 @@ class Trainer:
     return Compiled(layout, model, shardings, abstract_state,
                     adaptive.expert_axes(boxed.params), train_step, eval_step)
 
-  def _compile_timed(self, layout: Tuple[int, ...], background: bool = False
-                     ) -> Tuple[Compiled, float]:
-    if background:
-      _lower_thread_priority()
+  def _compile_timed(self, layout: Tuple[int, ...]) -> Tuple[Compiled, float]:
     start = time.perf_counter()
     compiled = self._compile(layout)
     return compiled, time.perf_counter() - start
@@ -535,7 +532,7 @@ class Trainer:
                                      min_experts=a.min_experts, max_experts=a.max_experts)
     future = None
     if layout != self.compiled.layout:
-      future = self._compiler.submit(self._compile_timed, layout, background=True)
+      future = self._compiler.submit(self._compile_timed, layout)
       log.info('step %d: routing window complete; compiling experts per layer %s for the '
                'boundary at step %d in the background', step, list(layout), boundary)
     self._ahead = (layout, future)
@@ -615,20 +612,6 @@ class Trainer:
     if active:
       out['experts'] = f'{np.mean(active):.2f}'
     return out
-
-
-def _lower_thread_priority():
-  """The compile-ahead thread yields the CPU to training (nice 10): where the host has
-  idle cores it makes no difference; where training keeps every core busy (a small CPU
-  host) the compile uses the gaps instead of slowing the steps. Linux only: elsewhere the
-  call would not address a thread."""
-  if not sys.platform.startswith('linux'):
-    return
-  import threading
-  try:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-  except OSError as e:
-    log.debug('could not lower the compile thread priority: %s', e)
 
 
 def _main_thread() -> bool:

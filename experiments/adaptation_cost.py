@@ -1,19 +1,26 @@
 """What one adaptive-experts boundary costs, in train steps of the default config.
 
 Measured in one process, one after the other, on an otherwise idle machine:
-  1. the default job's (configs/mnist1d_dynmoe.py, 8 experts per MoE block) train step:
+  1. the default job's (configs/mnist1d_dynmoe.py: 4 experts per MoE block) train step:
      median of `--rounds` rounds of `--steps` steps;
   2. the default job started from 2 experts with adaptive experts on, boundaries every
-     `--every` steps, run twice: compiling each new layout at its boundary
-     (adaptive.compile_lead_steps=0, training waits) and ahead of it on a thread
-     (`--leads`: steps before the boundary). A boundary costs the time training was paused there (plan +
-     reallocate + any wait for the compiler, from adaptation.jsonl) plus how much slower
+     `--every` steps, run once per `--leads` value: 0 compiles each new layout at its
+     boundary (training waits), N > 0 compiles it on a thread while the last N steps
+     before the boundary train. A boundary costs the time training was paused there (plan
+     + reallocate + any wait for the compiler, from adaptation.jsonl) plus how much slower
      the lead steps ran while the compiler shared the CPU: the sum over those steps of
      (step time - the median step time of the same layout's steps outside any window);
   3. what a compile is made of: `Trainer._compile` of the default model with dense
      FFNs, with top-k, and with top-any (the default), each timed once.
 
-  python experiments/adaptation_cost.py        # ~6 minutes on 2 CPU cores (idle)
+`--spare_core` measures a host where the compiler has a core of its own: training (the
+main thread and XLA's intra-op pool, sized at start-up to the one CPU the process may use)
+is pinned to CPU 0 and every other thread (XLA's compile threads, the compile-ahead
+thread) to CPU 1. Linux only; train steps are then slower, and costs are counted in
+steps of that pinned training.
+
+  python experiments/adaptation_cost.py                 # ~6 minutes on 2 CPU cores (idle)
+  python experiments/adaptation_cost.py --spare_core --out experiments/results/adaptation_cost_spare_core
 """
 from __future__ import annotations
 
@@ -22,23 +29,55 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Before jax starts: XLA sizes its intra-op thread pool from the CPUs this process may use.
+if __name__ == '__main__' and '--spare_core' in sys.argv:
+  os.sched_setaffinity(0, {0})
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import mnist1d_dynmoe  # noqa: E402
 from dynmoe_jax import plots, sharding, train  # noqa: E402
-from dynmoe_jax.default_config import mnist1d_config  # noqa: E402
+
+
+def default_config():
+  config = mnist1d_dynmoe.get_config()
+  config.progress_bar = False
+  return config
+
+
+class CompilerToSpareCore:
+  """Moves every thread but training's (the main thread, XLA's intra-op pool) to CPU 1,
+  checking for new threads whenever it is called (once per step)."""
+
+  def __init__(self):
+    self.training = {threading.get_native_id()}
+    self.seen = set()
+
+  def __call__(self, *_):
+    for name in os.listdir('/proc/self/task'):
+      tid = int(name)
+      if tid in self.seen or tid in self.training:
+        continue
+      self.seen.add(tid)
+      try:
+        with open(f'/proc/self/task/{tid}/comm') as f:
+          if f.read().strip().startswith('tf_XLAEigen'):
+            continue
+        os.sched_setaffinity(tid, {1})
+      except OSError:  # the thread ended
+        pass
 
 
 def default_step_seconds(workdir: str, rounds: int, steps: int) -> float:
-  config = mnist1d_config('top_any')
-  config.progress_bar = False
-  trainer = train.Trainer(config, workdir)
+  trainer = train.Trainer(default_config(), workdir)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     state = trainer.restore_or_init()
     batch = trainer._device_batch(trainer.stream.batch(0))
@@ -61,8 +100,7 @@ def compile_seconds(workdir: str) -> dict:
               'top-any (default)': {}}
   out = {}
   for name, edit in variants.items():
-    config = mnist1d_config('top_any')
-    config.progress_bar = False
+    config = default_config()
     if 'moe_layers' in edit:
       config.model.moe_layers = edit['moe_layers']
     if 'router' in edit:
@@ -76,11 +114,10 @@ def compile_seconds(workdir: str) -> dict:
 
 
 def adaptive_run(workdir: str, every: int, record_steps: int, lead: int,
-                 boundaries: int) -> dict:
+                 boundaries: int, on_step=None) -> dict:
   """Train the default job from 2 experts; per boundary: seconds paused there and seconds
   lost to the lead steps' slowdown, from per-step wall times."""
-  config = mnist1d_config('top_any')
-  config.progress_bar = False
+  config = default_config()
   config.model.moe.num_experts = 2
   config.num_train_steps = every * (boundaries + 1)
   config.eval_every = config.checkpoint_every = config.num_train_steps
@@ -89,8 +126,12 @@ def adaptive_run(workdir: str, every: int, record_steps: int, lead: int,
   config.adaptive.record_steps = record_steps
   config.adaptive.compile_lead_steps = lead
   ends = {}  # step -> wall time when it had finished (the trainer syncs every step)
-  trainer = train.Trainer(config, workdir,
-                          on_step=lambda _, step: ends.__setitem__(step, time.perf_counter()))
+
+  def record_end(state, step):
+    ends[step] = time.perf_counter()
+    if on_step is not None:
+      on_step(state, step)
+  trainer = train.Trainer(config, workdir, on_step=record_end)
   result = trainer.run()
   seconds = {s: ends[s] - ends[s - 1] for s in ends if s - 1 in ends}
   events = plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
@@ -127,20 +168,27 @@ def main(argv=None):
                       help='adaptive.compile_lead_steps of each run; 0 compiles at the '
                            "boundary, 100 is the default config's value")
   parser.add_argument('--boundaries', type=int, default=3)
+  parser.add_argument('--spare_core', action='store_true',
+                      help='training on CPU 0, the compiler on CPU 1 (see the module doc)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                      'adaptation_cost'))
   args = parser.parse_args(argv)
+  if args.spare_core and (os.sched_getaffinity(0) != {0} or (os.cpu_count() or 1) < 2):
+    parser.error('--spare_core needs 2 CPUs and pins the process before jax starts: run '
+                 'the script directly')
   os.makedirs(args.out, exist_ok=True)
+  on_step = CompilerToSpareCore() if args.spare_core else None
   runs = {}
   with tempfile.TemporaryDirectory() as tmp:
     step_seconds = default_step_seconds(os.path.join(tmp, 'default'), args.rounds, args.steps)
     for lead in [int(x) for x in args.leads.split(',')]:
       mode = f'{lead} steps ahead' if lead else 'at boundary'
       runs[mode] = adaptive_run(os.path.join(tmp, f'lead{lead}'), args.every,
-                                args.record_steps, lead, args.boundaries)
+                                args.record_steps, lead, args.boundaries, on_step)
     variants = compile_seconds(os.path.join(tmp, 'variants'))
   print(f'default config train step: {1e3 * step_seconds:.0f} ms (median of {args.rounds} '
-        f'rounds of {args.steps})')
+        f'rounds of {args.steps})' + (', training on CPU 0, compiler on CPU 1'
+                                      if args.spare_core else ''))
   print('| compile | boundary step | paused s (of which waiting for compiler) | lead-step '
         'slowdown s | compile s | total s | in default train steps |')
   print('|---|---|---|---|---|---|---|')
