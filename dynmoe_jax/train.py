@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 

@@ -21,6 +21,8 @@ steps of that pinned training.
 
   python experiments/adaptation_cost.py                 # ~6 minutes on 2 CPU cores (idle)
   python experiments/adaptation_cost.py --spare_core --out experiments/results/adaptation_cost_spare_core
+  python experiments/adaptation_cost.py --spare_core --leads 150 --every 200 \
+      --out experiments/results/adaptation_cost_spare_core_lead150
 """
 from __future__ import annotations
 
@@ -206,15 +208,17 @@ def main(argv=None):
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump({'default_step_seconds': step_seconds, 'args': vars(args), 'runs': runs,
                'compile_seconds': variants, 'devices': str(jax.devices())}, f, indent=1)
-  plot(runs, step_seconds, os.path.join(args.out, 'adaptation_cost.png'))
+  plot(runs, step_seconds, os.path.join(args.out, 'adaptation_cost.png'),
+       'training on CPU 0, compiler on CPU 1' if args.spare_core
+       else 'training and compiler share the 2 cores')
   return runs
 
 
-def plot(runs, step_seconds, path):
+def plot(runs, step_seconds, path, title=''):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = plt.subplots(figsize=(6, 4.5))
   width = 0.8 / len(runs)
   for i, (mode, run) in enumerate(runs.items()):
     x = np.arange(len(run['rows'])) + i * width
@@ -228,7 +232,8 @@ def plot(runs, step_seconds, path):
   ax.axhline(50, color='red', linestyle='--', label='target: 50 steps')
   ax.set_xlabel('boundary')
   ax.set_ylabel('cost in default-config train steps')
-  ax.legend(fontsize=7)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=2)
   plots.save_figure(fig, path, dpi=120)
 
 
