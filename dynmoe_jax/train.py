@@ -538,8 +538,11 @@ class Trainer:
 
   def _compiled_for(self, layout: Tuple[int, ...]) -> Tuple[Compiled, float, float, bool]:
     """The steps for `layout`: (compiled, seconds compiling, seconds training waited for
-    them, whether they were compiled ahead)."""
+    them, whether they were compiled ahead). A plan that removes as many experts as it
+    adds keeps the shapes, and with them the current steps."""
     ahead, self._ahead = self._ahead, None
+    if layout == self.compiled.layout:
+      return self.compiled, 0.0, 0.0, ahead is not None
     start = time.perf_counter()
     if ahead is not None and ahead[1] is not None and ahead[0] == layout:
       compiled, compile_seconds = ahead[1].result()
@@ -584,8 +587,12 @@ class Trainer:
     state = jax.device_put(host.replace(params=params, opt_state=opt_state),
                            self.compiled.shardings)
     paused = time.perf_counter() - start
-    how = (f'compiled in the background over the last {a.compile_lead_steps} steps'
-           if ahead else 'compiled at the boundary')
+    if new_layout == layout:
+      how = 'the same shapes as before: the current steps are kept'
+    elif ahead:
+      how = f'compiled in the background over the last {a.compile_lead_steps} steps'
+    else:
+      how = 'compiled at the boundary'
     log.info('step %d: experts per layer %s -> %s; training paused %.2fs (plan + reallocate '
              '%.2fs, waiting for the new steps %.2fs); the new steps took %.2fs to compile, %s',
              step, list(layout), list(new_layout), paused, plan_seconds, waited,

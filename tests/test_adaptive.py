@@ -185,3 +185,16 @@ def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
   resumed_events = [json.loads(l) for l in open(tmp_path / 'resumed' / 'adaptation.jsonl')]
   strip = lambda es: [{k: v for k, v in e.items() if not k.endswith('seconds')} for e in es]
   assert strip(resumed_events) == strip(events)
+
+
+def test_a_plan_that_keeps_the_shapes_keeps_the_compiled_steps(tmp_path, caplog):
+  # Removing one expert and adding one gives the same layout: nothing to compile, and
+  # no warning about a layout that differs from the one compiled ahead.
+  trainer = train.Trainer(adaptive_tiny(), str(tmp_path))
+  trainer.restore_or_init()
+  current = trainer.compiled
+  trainer._ahead = (current.layout, None)  # what compile-ahead records for unchanged shapes
+  with caplog.at_level('WARNING'):
+    compiled, compile_seconds, waited, ahead = trainer._compiled_for(current.layout)
+  assert compiled is current and (compile_seconds, waited, ahead) == (0.0, 0.0, True)
+  assert trainer._ahead is None and not caplog.records
