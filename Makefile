@@ -4,9 +4,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/mnist1d_dynmoe.py
-WORKDIR ?= workdir/mnist1d_dynmoe
+# One workdir per config, so a second config never lands in the first one's run.
+WORKDIR ?= workdir/$(basename $(notdir $(CONFIG)))
+# Config overrides, e.g. make train ARGS='--config.num_train_steps=500 --config.seed=1'
+ARGS ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test test-fast bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +21,19 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(VPY) -m dynmoe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VPY) -m dynmoe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
-# Two workers: most tests are single-threaded compiles, and CI has 2 cores.
+# Two workers: most tests are single-threaded compiles, and CI has 2 cores. loadgroup keeps
+# tests that share an expensive module fixture on one worker.
 # pytest exits 5 when it collects no test; that must fail, and it does because make propagates it.
 PYTEST_WORKERS ?= 2
+PYTEST := $(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 test: $(STAMP)
-	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+	$(PYTEST) --durations=15 tests
+
+# Everything but the end-to-end runs (marked slow): a couple of minutes.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow" tests
 
 bench: $(STAMP)
 	$(VPY) experiments/bench_layer.py

@@ -13,7 +13,7 @@ Flow, per MoE layer, at a boundary:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynmoe_jax import layers as layers_lib
+from dynmoe_jax import names, routers
 
 Path = Tuple[str, ...]
-ROUTER_PARAMS = ('gate_embeddings', 'thresholds', 'router_kernel')
 
 
 @dataclasses.dataclass
@@ -129,18 +129,23 @@ def planned_layout(layout: Sequence[int], records: Mapping[str, RecordAccumulato
   for name, record in records.items():
     if record.steps:
       keep, add = planned_experts(record, min_experts=min_experts, max_experts=max_experts)
-      counts[int(name.split('_')[-1])] = len(keep) + int(add)
+      counts[names.layer_index(name)] = len(keep) + int(add)
   return tuple(counts)
 
 
 def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
-               moe_axes: Mapping[str, int], moe: layers_lib.MoE, *, min_experts: int,
-               max_experts: int, new_expert_init: str, rng: jax.Array) -> LayerPlan:
+               moe_axes: Mapping[str, int], *, router: str, kernel_init: Callable,
+               min_experts: int, max_experts: int, new_expert_init: str,
+               rng: jax.Array) -> LayerPlan:
   """DynMoE's rule for one layer: drop experts that got no token in the window;
-  add one when some tokens activated none, its gate embedding the normalised sum
-  of their inputs and its threshold 0; stay within [min_experts, max_experts].
+  add one when some tokens activated none, its router parameters pointing at the
+  normalised sum of their inputs (the router's spec says how: a top-any gate
+  embedding with threshold 0, or a router-kernel column); stay within
+  [min_experts, max_experts].
 
   moe_params: the layer's MoE params (unboxed); moe_axes: their expert axes.
+  router: the layer's router name; kernel_init: the MoE's expert kernel init
+  (`layers.MoE.kernel_init`), used for a 'fresh' new expert.
   """
   old = int(record.tokens_per_expert.shape[0])
   keep, add = planned_experts(record, min_experts=min_experts, max_experts=max_experts)
@@ -148,24 +153,23 @@ def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
     return LayerPlan(keep=keep, old_count=old)
 
   direction = _normalize(record.unrouted_input_sum)
-  kernel = np.asarray(moe_params.get('gate_embeddings', moe_params.get('router_kernel')))
-  router_is_column = 'router_kernel' in moe_params and 'gate_embeddings' not in moe_params
-  gates = kernel.T if router_is_column else kernel  # [E, D]
-  new_params: Dict[str, np.ndarray] = {}
-  if router_is_column:
-    scale = float(np.mean(np.linalg.norm(gates[list(keep)], axis=-1))) if keep else 1.0
-    new_params['router_kernel'] = (direction * scale)[:, None].astype(kernel.dtype)
-  else:
-    new_params['gate_embeddings'] = direction[None, :].astype(kernel.dtype)
-    new_params['thresholds'] = np.zeros((1,), np.asarray(moe_params['thresholds']).dtype)
+  router_params = {k: np.asarray(v) for k, v in moe_params.items()
+                   if routers.is_router_param(k)}
+  new_params: Dict[str, np.ndarray] = dict(
+      routers.new_expert_router_params(router, router_params, direction, keep))
 
-  kept_gates = gates[list(keep)]
-  cosine = (kept_gates / np.maximum(np.linalg.norm(kept_gates, axis=-1, keepdims=True), 1e-12)
-            ) @ direction
-  nearest = keep[int(np.argmax(cosine))] if keep else None
+  # The kept expert whose router parameters (the [E, D] gate embeddings or the [D, E]
+  # router kernel, expert axis first) point closest to the new direction.
+  nearest = None
+  if keep:
+    (matrix,) = [k for k, v in router_params.items() if v.ndim == 2]
+    kept_gates = np.moveaxis(router_params[matrix], moe_axes[matrix], 0)[list(keep)]
+    cosine = (kept_gates / np.maximum(np.linalg.norm(kept_gates, axis=-1, keepdims=True),
+                                      1e-12)) @ direction
+    nearest = keep[int(np.argmax(cosine))]
   keys = jax.random.split(rng, len(moe_params))
   for key, (name, value) in zip(keys, sorted(moe_params.items())):
-    if name in ROUTER_PARAMS or name not in moe_axes:
+    if routers.is_router_param(name) or name not in moe_axes:
       continue
     axis = moe_axes[name]
     value = np.asarray(value)
@@ -174,7 +178,7 @@ def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
     else:
       shape = list(value.shape)
       shape[axis] = 1
-      new_params[name] = np.asarray(moe.kernel_init(key, tuple(shape), value.dtype))
+      new_params[name] = np.asarray(kernel_init(key, tuple(shape), value.dtype))
   return LayerPlan(keep=keep, num_new=1, new_params=new_params, old_count=old)
 
 
@@ -240,5 +244,5 @@ def resize(params, opt_state, plan: ResizePlan):
 def new_layout(layout: Sequence[int], plan: ResizePlan) -> Tuple[int, ...]:
   counts = list(layout)
   for module, layer in plan.layers.items():
-    counts[int(module[0].split('_')[-1])] = layer.new_count
+    counts[names.layer_index(module[0])] = layer.new_count
   return tuple(counts)

@@ -74,4 +74,8 @@ class Checkpointer:
 
 
 class ModelMismatchError(ValueError):
-  """The workdir holds a run of a different model shape than the config asks for."""
+  """The workdir holds a run that this config cannot resume."""
+
+
+class NoReadableCheckpointError(ModelMismatchError):
+  """Every checkpoint of the run was unreadable: nothing to resume from."""

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dynmoe_jax import layers, sharding
+from dynmoe_jax import layers, routers, sharding
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.models import transformer
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Keys of config.model.moe that are layout, not MoE module fields.
-_LAYOUT_KEYS = ('num_experts', 'num_experts_per_layer')
+LAYOUT_KEYS = ('num_experts', 'num_experts_per_layer')
 NEW_EXPERT_INITS = ('fresh', 'copy_nearest')
 
 
@@ -42,9 +42,20 @@ def experts_layout(config) -> Tuple[int, ...]:
     raise ConfigError(f'config.model: {e}') from e
 
 
+def experts_layout_indices(config) -> Tuple[int, ...]:
+  """The blocks the config makes MoE blocks, whatever their expert counts."""
+  m = config.model
+  moe_layers = tuple(m.moe_layer_indices) if m.moe_layer_indices else m.moe_layers
+  try:
+    marker = transformer.experts_per_layer(m.num_layers, moe_layers, 1)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from e
+  return tuple(i for i, n in enumerate(marker) if n)
+
+
 def moe_kwargs(config) -> Dict[str, Any]:
-  kwargs = {k: v for k, v in config.model.moe.items() if k not in _LAYOUT_KEYS}
-  return kwargs
+  """`layers.MoE` fields from config.model.moe (the layout keys apart)."""
+  return {k: v for k, v in config.model.moe.items() if k not in LAYOUT_KEYS}
 
 
 def build_model(config, layout: Optional[Sequence[int]] = None) -> transformer.MoETransformer:
@@ -119,10 +130,10 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.task', m.task, f"'lm' goes with data.kind='lm' (data.kind={d.kind!r})")
 
   moe = m.moe
-  one_of('model.moe.router', moe.router, layers.ROUTERS)
+  one_of('model.moe.router', moe.router, routers.NAMES)
   one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
   one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
-  one_of('model.moe.priority', moe.priority, ('score', 'index'))
+  one_of('model.moe.priority', moe.priority, layers.PRIORITIES)
   positive_int('model.moe.hidden_dim', moe.hidden_dim)
   positive_int('model.moe.k', moe.k)
   positive_float('model.moe.capacity_factor', moe.capacity_factor)
@@ -137,16 +148,16 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     if moe[name] < 0:
       _fail(f'model.moe.{name}', moe[name], 'must be >= 0')
   layout = experts_layout(config)
+  moe_blocks = experts_layout_indices(config)
+  counts = tuple(moe.num_experts_per_layer) or (moe.num_experts,)
+  if moe_blocks and any(not isinstance(n, int) or n < 1 for n in counts):
+    _fail('model.moe.num_experts' + ('_per_layer' if moe.num_experts_per_layer else ''),
+          counts if moe.num_experts_per_layer else moe.num_experts,
+          f"must be >= 1 for each MoE block {moe_blocks}; for a dense model set "
+          f"model.moe_layers='none'")
   for i, n in enumerate(layout):
-    if not n:
-      continue
-    if moe.router in ('top_k', 'expert_choice') and moe.k > n:
-      _fail('model.moe.k', moe.k, f'must be <= the {n} experts of layer {i} '
-            f'(router={moe.router!r})')
-    if moe.max_k is not None and not 1 <= moe.max_k <= n:
-      _fail('model.moe.max_k', moe.max_k, f'must be in [1, {n}] (experts of layer {i})')
-    if moe.router == 'adaptive_k' and moe.max_k is None and moe.k > n:
-      _fail('model.moe.k', moe.k, f'(max_k of adaptive_k) must be <= {n} experts of layer {i}')
+    for field, message in (routers.check(moe, n) if n else ()):
+      _fail(f'model.moe.{field}', moe[field], f'{message} of layer {i} (router={moe.router!r})')
 
   o = config.optimizer
   positive_float('optimizer.learning_rate', o.learning_rate)
@@ -179,6 +190,9 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
       _fail('model.moe.num_experts', counts,
             f'must lie in [adaptive.min_experts={a.min_experts}, '
             f'adaptive.max_experts={a.max_experts}]')
+    if a.every >= config.num_train_steps:
+      _fail('adaptive.every', a.every, f'must be < num_train_steps={config.num_train_steps} '
+            '(boundaries come every adaptive.every steps; none would be reached)')
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   try:
@@ -191,6 +205,29 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('batch_size', config.batch_size,
           f'must be divisible by mesh.data*mesh.expert={data_parallel}')
   return layout
+
+
+def load_config_file(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of a config file, as --config=path loads it."""
+  import importlib.util
+  import os
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  name = 'config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def set_field(config, dotted: str, value):
+  """config['a']['b'] = value for 'a.b', as --config.a.b=value does (types may change)."""
+  *parents, leaf = dotted.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  with node.ignore_type():
+    node[leaf] = value
 
 
 def to_dict(config) -> Dict[str, Any]:

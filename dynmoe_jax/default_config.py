@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.capacity_factor = 2.0
   c.model.moe.eval_capacity_factor = 4.0
   c.model.moe.capacity_multiple_of = 8
-  c.model.moe.dispatch_impl = 'sort'   # sort | einsum | ragged | all_experts
+  c.model.moe.dispatch_impl = 'sort'   # sort | einsum | ragged | shard_map_a2a | all_experts_reference
   c.model.moe.priority = 'score'
   c.model.moe.activation = 'gelu'
   c.model.moe.glu = False

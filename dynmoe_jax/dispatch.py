@@ -47,6 +47,11 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
   return max(multiple_of, min(capacity, round_up(num_tokens)))
 
 
+def _accumulator(weights: jax.Array, outputs: jax.Array):
+  """The combine sum runs in at least float32."""
+  return jnp.promote_types(jnp.promote_types(weights.dtype, outputs.dtype), jnp.float32)
+
+
 @flax.struct.dataclass
 class SortDispatchState:
   """slot_token: int32[E, C], the token in each slot (T marks an empty slot)."""
@@ -54,6 +59,20 @@ class SortDispatchState:
   dropped: jax.Array      # bool[T, E], routed pairs that got no slot
   num_routed: jax.Array   # int32 scalar
   num_dropped: jax.Array  # int32 scalar
+
+  def combine(self, expert_outputs: jax.Array, weights: jax.Array) -> jax.Array:
+    """[E, C, D] -> [T, D]: scatter-add each slot's weighted output to its token."""
+    acc = _accumulator(weights, expert_outputs)
+    num_tokens, num_experts = weights.shape
+    dim = expert_outputs.shape[-1]
+    chex.assert_shape(expert_outputs, (num_experts, self.slot_token.shape[1], dim))
+    padded_weights = jnp.concatenate([weights.astype(acc), jnp.zeros((1, num_experts), acc)],
+                                     axis=0)
+    slot_weight = padded_weights[self.slot_token, jnp.arange(num_experts)[:, None]]
+    contributions = expert_outputs.astype(acc) * slot_weight[..., None]
+    out = jnp.zeros((num_tokens + 1, dim), acc).at[self.slot_token.reshape(-1)].add(
+        contributions.reshape(-1, dim))
+    return out[:num_tokens].astype(expert_outputs.dtype)
 
 
 @flax.struct.dataclass
@@ -63,6 +82,13 @@ class EinsumDispatchState:
   dropped: jax.Array
   num_routed: jax.Array
   num_dropped: jax.Array
+
+  def combine(self, expert_outputs: jax.Array, weights: jax.Array) -> jax.Array:
+    """[E, C, D] -> [T, D] through the weighted one-hot combine tensor."""
+    acc = _accumulator(weights, expert_outputs)
+    combine_tensor = self.dispatch_tensor.astype(acc) * weights.astype(acc)[..., None]
+    out = jnp.einsum('tec,ecd->td', combine_tensor, expert_outputs.astype(acc))
+    return out.astype(expert_outputs.dtype)
 
 
 @flax.struct.dataclass
@@ -74,6 +100,19 @@ class RaggedState:
   dropped: jax.Array        # bool[T, E]; only pairs beyond max_k
   num_routed: jax.Array
   num_dropped: jax.Array
+
+  def combine(self, sorted_outputs: jax.Array, weights: jax.Array) -> jax.Array:
+    """[T*K, D] per-pair expert outputs -> [T, D] weighted sum per token."""
+    num_tokens, num_experts = weights.shape
+    valid = self.sorted_expert < num_experts
+    acc = _accumulator(weights, sorted_outputs)
+    pair_weight = weights.astype(acc)[
+        self.sorted_token, jnp.minimum(self.sorted_expert, num_experts - 1)]
+    pair_weight = jnp.where(valid, pair_weight, 0.0)
+    contributions = sorted_outputs.astype(acc) * pair_weight[:, None]
+    out = jnp.zeros((num_tokens, sorted_outputs.shape[-1]), acc).at[
+        self.sorted_token].add(contributions)
+    return out.astype(sorted_outputs.dtype)
 
 
 DispatchState = Union[SortDispatchState, EinsumDispatchState]
@@ -206,25 +245,10 @@ def combine(expert_outputs: jax.Array, weights: jax.Array, state: DispatchState)
   """Weighted sum of each token's expert outputs: [E, C, D] -> [T, D].
 
   Dropped pairs contribute nothing (weights are not renormalised). The sum is
-  taken in (at least) float32 and returned in `expert_outputs.dtype`.
+  taken in (at least) float32 and returned in `expert_outputs.dtype`. Each state
+  carries its own `combine`; this is the same call in functional form.
   """
-  acc = jnp.promote_types(jnp.promote_types(weights.dtype, expert_outputs.dtype), jnp.float32)
-  weights = weights.astype(acc)
-  if isinstance(state, EinsumDispatchState):
-    combine_tensor = state.dispatch_tensor.astype(acc) * weights[..., None]
-    out = jnp.einsum('tec,ecd->td', combine_tensor, expert_outputs.astype(acc))
-    return out.astype(expert_outputs.dtype)
-  if not isinstance(state, SortDispatchState):
-    raise TypeError(f'combine: unsupported state {type(state).__name__}')
-  num_tokens, num_experts = weights.shape
-  dim = expert_outputs.shape[-1]
-  chex.assert_shape(expert_outputs, (num_experts, state.slot_token.shape[1], dim))
-  padded_weights = jnp.concatenate([weights, jnp.zeros((1, num_experts), acc)], axis=0)
-  slot_weight = padded_weights[state.slot_token, jnp.arange(num_experts)[:, None]]
-  contributions = expert_outputs.astype(acc) * slot_weight[..., None]
-  out = jnp.zeros((num_tokens + 1, dim), acc).at[state.slot_token.reshape(-1)].add(
-      contributions.reshape(-1, dim))
-  return out[:num_tokens].astype(expert_outputs.dtype)
+  return state.combine(expert_outputs, weights)
 
 
 def ragged_dispatch(tokens: jax.Array, mask: jax.Array, *, max_k: Optional[int] = None):
@@ -249,13 +273,4 @@ def ragged_dispatch(tokens: jax.Array, mask: jax.Array, *, max_k: Optional[int] 
 
 def ragged_combine(sorted_outputs: jax.Array, weights: jax.Array, state: RaggedState) -> jax.Array:
   """[T*K, D] per-pair expert outputs -> [T, D] weighted sum per token."""
-  num_tokens, num_experts = weights.shape
-  valid = state.sorted_expert < num_experts
-  acc = jnp.promote_types(jnp.promote_types(weights.dtype, sorted_outputs.dtype), jnp.float32)
-  pair_weight = weights.astype(acc)[
-      state.sorted_token, jnp.minimum(state.sorted_expert, num_experts - 1)]
-  pair_weight = jnp.where(valid, pair_weight, 0.0)
-  contributions = sorted_outputs.astype(acc) * pair_weight[:, None]
-  out = jnp.zeros((num_tokens, sorted_outputs.shape[-1]), acc).at[
-      state.sorted_token].add(contributions)
-  return out.astype(sorted_outputs.dtype)
+  return state.combine(sorted_outputs, weights)

@@ -1,8 +1,9 @@
-"""The MoE linen module: router + fixed-capacity dispatch + stacked expert FFNs.
+"""The MoE linen module: a router from `routers` + an expert path from `experts`.
 
 Shape letters: T tokens, D width, F expert hidden width, E experts, C capacity.
 Every parameter carries logical axis names ('expert', 'embed', 'mlp'); the
-rules mapping them to mesh axes live in `dynmoe_jax.sharding`.
+rules mapping them to mesh axes live in `dynmoe_jax.sharding`. The module holds
+no router- or dispatch-specific branch: both are looked up by name.
 """
 from __future__ import annotations
 
@@ -14,19 +15,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import dispatch as dispatch_lib
-from dynmoe_jax import losses
-from dynmoe_jax import routing
-from dynmoe_jax import sharding
+from dynmoe_jax import experts, routers, routing
 
-ROUTERS = ('top_any', 'top_k', 'top_p', 'adaptive_k', 'expert_choice')
-DISPATCH_IMPLS = ('sort', 'einsum', 'ragged', 'all_experts', 'shard_map_a2a')
+ROUTERS = routers.NAMES
+DISPATCH_IMPLS = tuple(experts.PATHS)
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': nn.gelu, 'relu': nn.relu, 'silu': nn.silu, 'swish': nn.swish}
-
-# Logical names of the dispatched activations, so GSPMD places each expert's
-# buffer on the device that owns the expert (the all-to-all).
-DISPATCHED_AXES = ('expert', 'expert_capacity', 'embed')
+PRIORITIES = ('score', 'index')
+DISPATCHED_AXES = experts.DISPATCHED_AXES
 
 
 @flax.struct.dataclass
@@ -35,6 +31,7 @@ class RoutingRecord:
   tokens_per_expert: jax.Array   # int32[E], routed pairs per expert (before capacity)
   unrouted_count: jax.Array      # int32[], tokens that activated no expert
   unrouted_input_sum: jax.Array  # float32[D], sum of router inputs of those tokens
+  dropped_pairs: jax.Array       # int32[], routed pairs dropped for capacity
 
 
 @flax.struct.dataclass
@@ -42,6 +39,7 @@ class MoEAux:
   loss: jax.Array                # weighted sum of this layer's auxiliary losses
   metrics: Dict[str, jax.Array]  # 'active_experts', 'dropped_fraction', 'expert_load', ...
   record: RoutingRecord
+  num_tokens: jax.Array          # float32[], tokens the metrics average over (token_mask)
 
 
 def stacked_kernel_init(scale: float = 1.0):
@@ -57,19 +55,20 @@ class MoE(nn.Module):
   Attributes:
     num_experts: E.
     hidden_dim: F, hidden width of each expert.
-    router: one of ROUTERS.
-    k: experts per token for 'top_k'; also the default `expected_k` that sizes
-      capacity for the dynamic routers, and the average experts per token in
-      'expert_choice' (each expert takes ceil(T·k/E) tokens).
+    router: a name in `routers.REGISTRY` (ROUTERS).
+    k: experts per token. 'top_k': exactly k. 'expert_choice': k on average (each
+      expert takes ceil(T·k/E) tokens). 'adaptive_k': the largest K when max_k is
+      unset. Dynamic routers: the experts per token capacity is sized for, unless
+      `expected_k` is set.
     p: top-p threshold in (0, 1].
     max_k: cap on experts per token for 'top_p' (None = E) and the largest K for
       'adaptive_k' (None = k).
-    expected_k: experts per token assumed when sizing capacity (None = k).
+    expected_k: experts per token assumed when sizing capacity (None: the router's
+      default, see `routers.RouterSpec.expected_k`).
     capacity_factor / eval_capacity_factor: slots per expert relative to the
       expected load, in training / evaluation.
     capacity_multiple_of: capacity is rounded up to a multiple of this.
-    dispatch_impl: one of DISPATCH_IMPLS. 'ragged' is dropless; 'all_experts'
-      runs every expert on every token (the naive reference, no drops).
+    dispatch_impl: a name in `experts.PATHS` (DISPATCH_IMPLS).
     priority: 'score' keeps the most confident pairs when an expert overflows;
       'index' keeps earlier tokens.
     activation: key of ACTIVATIONS. glu: gated FFN act(x·wi) * (x·wi_gate).
@@ -78,6 +77,7 @@ class MoE(nn.Module):
     normalize_top_k: renormalise top-k weights to sum to 1.
     top_any_scale: temperature of top-any's cosine scores.
     *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
+  The defaults are those of `default_config.base_config().model.moe`.
   """
   num_experts: int
   hidden_dim: int
@@ -86,8 +86,8 @@ class MoE(nn.Module):
   p: float = 0.4
   max_k: Optional[int] = None
   expected_k: Optional[float] = None
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
+  capacity_factor: float = 2.0
+  eval_capacity_factor: float = 4.0
   capacity_multiple_of: int = 8
   dispatch_impl: str = 'sort'
   priority: str = 'score'
@@ -115,21 +115,18 @@ class MoE(nn.Module):
       raise ValueError(f'MoE.router={self.router!r} is not one of {ROUTERS}')
     if self.dispatch_impl not in DISPATCH_IMPLS:
       raise ValueError(f'MoE.dispatch_impl={self.dispatch_impl!r} is not one of {DISPATCH_IMPLS}')
-    if self.router in ('top_k', 'expert_choice') and not 1 <= self.k <= E:
-      raise ValueError(f'MoE.k={self.k} must be in [1, num_experts={E}] for router={self.router!r}')
+    for field, message in routers.check(self, E):
+      raise ValueError(f'MoE.{field}={getattr(self, field)!r} {message} '
+                       f'(router={self.router!r}, num_experts={E})')
     if not 0.0 < self.p <= 1.0:
       raise ValueError(f'MoE.p={self.p} must be in (0, 1]')
-    if self.max_k is not None and not 1 <= self.max_k <= E:
-      raise ValueError(f'MoE.max_k={self.max_k} must be in [1, num_experts={E}]')
-    if self.router == 'adaptive_k' and self.max_k is None and not 1 <= self.k <= E:
-      raise ValueError(f'MoE.k={self.k} (the default max_k of adaptive_k) must be in [1, {E}]')
     for name in ('capacity_factor', 'eval_capacity_factor'):
       if getattr(self, name) <= 0:
         raise ValueError(f'MoE.{name} must be > 0, got {getattr(self, name)}')
     if self.expected_k is not None and self.expected_k <= 0:
       raise ValueError(f'MoE.expected_k must be > 0, got {self.expected_k}')
-    if self.priority not in ('score', 'index'):
-      raise ValueError(f"MoE.priority must be 'score' or 'index', got {self.priority!r}")
+    if self.priority not in PRIORITIES:
+      raise ValueError(f'MoE.priority must be one of {PRIORITIES}, got {self.priority!r}')
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'MoE.activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}')
 
@@ -143,153 +140,71 @@ class MoE(nn.Module):
         raise ValueError(f'MoE: input last dimension {width} != model width {expected} '
                          'the layer was initialised with')
 
-  def _route(self, tokens, training, token_importance):
-    E = self.num_experts
-    num_tokens, width = tokens.shape
-    if self.router == 'top_any':
-      gate_embeddings = self._param('gate_embeddings', nn.initializers.orthogonal(),
-                                    (E, width), ('expert', 'embed'))
-      thresholds = self._param('thresholds', nn.initializers.zeros, (E,), ('expert',))
-      out = routing.top_any(tokens, gate_embeddings, thresholds, scale=self.top_any_scale,
-                            training=training)
-      return out, None, gate_embeddings
-    kernel = self._param('router_kernel', self.router_init, (width, E), ('embed', 'expert'))
-    logits = routing.upcast(tokens) @ routing.upcast(kernel)
-    if self.router == 'top_k':
-      out = routing.top_k(logits, self.k, normalize=self.normalize_top_k)
-    elif self.router == 'top_p':
-      out = routing.top_p(logits, self.p, self.max_k)
-    elif self.router == 'adaptive_k':
-      if token_importance is None:
-        raise ValueError("MoE(router='adaptive_k') needs token_importance (from attention)")
-      k_per_token = routing.importance_to_k(token_importance, self._adaptive_max_k)
-      out = routing.adaptive_k(logits, k_per_token.reshape(num_tokens), self._adaptive_max_k)
-    else:
-      capacity = routing.expert_choice_capacity(num_tokens, E, self.k)
-      out = routing.expert_choice(logits, capacity)
-    return out, logits, None
+  def capacity(self, num_tokens: int, training: bool) -> int:
+    """Slots per expert for `num_tokens` tokens (a Python int)."""
+    return routers.capacity(self, num_tokens, self.num_experts, training)
 
-  @property
-  def _adaptive_max_k(self) -> int:
-    return self.max_k if self.max_k is not None else self.k
-
-  def _pairs_per_token(self) -> Optional[int]:
-    """Most experts a token can be routed to: bounds the sorted pair list."""
-    if self.router == 'top_k':
-      return self.k
-    if self.router == 'adaptive_k':
-      return self._adaptive_max_k
-    if self.router == 'top_p':
-      return self.max_k
-    return None
-
-  def _capacity(self, num_tokens: int, training: bool) -> int:
-    factor = self.capacity_factor if training else self.eval_capacity_factor
-    if self.router == 'expert_choice':
-      # Each expert already picked exactly this many tokens: nothing to drop.
-      return routing.expert_choice_capacity(num_tokens, self.num_experts, self.k)
-    expected = self.expected_k if self.expected_k is not None else self.k
-    if self.router == 'adaptive_k' and self.expected_k is None:
-      expected = self._adaptive_max_k
-    return dispatch_lib.expert_capacity(num_tokens, self.num_experts, factor, expected,
-                                        self.capacity_multiple_of)
-
-  def _expert_params(self, width):
+  def _experts(self, width: int) -> experts.ExpertFFN:
     E, F = self.num_experts, self.hidden_dim
-    wi = self._param('wi', self.kernel_init, (E, width, F), ('expert', 'embed', 'mlp'))
-    wi_gate = (self._param('wi_gate', self.kernel_init, (E, width, F), ('expert', 'embed', 'mlp'))
-               if self.glu else None)
-    wo = self._param('wo', self.kernel_init, (E, F, width), ('expert', 'mlp', 'embed'))
+    axes_in, axes_out = ('expert', 'embed', 'mlp'), ('expert', 'mlp', 'embed')
+    wi = self._param('wi', self.kernel_init, (E, width, F), axes_in)
+    wi_gate = self._param('wi_gate', self.kernel_init, (E, width, F), axes_in) if self.glu \
+        else None
+    wo = self._param('wo', self.kernel_init, (E, F, width), axes_out)
     cast = lambda w: None if w is None else w.astype(self.dtype)
-    return cast(wi), cast(wi_gate), cast(wo)
-
-  def _ffn_capacity(self, expert_inputs, wi, wi_gate, wo):
-    act = ACTIVATIONS[self.activation]
-    with jax.named_scope('expert_wi'):
-      h = act(jnp.einsum('ecd,edf->ecf', expert_inputs, wi))
-      if wi_gate is not None:
-        h = h * jnp.einsum('ecd,edf->ecf', expert_inputs, wi_gate)
-    with jax.named_scope('expert_wo'):
-      return jnp.einsum('ecf,efd->ecd', h, wo)
-
-  def _ffn_ragged(self, sorted_inputs, group_sizes, wi, wi_gate, wo):
-    act = ACTIVATIONS[self.activation]
-    h = act(jax.lax.ragged_dot(sorted_inputs, wi, group_sizes))
-    if wi_gate is not None:
-      h = h * jax.lax.ragged_dot(sorted_inputs, wi_gate, group_sizes)
-    return jax.lax.ragged_dot(h, wo, group_sizes)
+    return experts.ExpertFFN(cast(wi), cast(wi_gate), cast(wo), ACTIVATIONS[self.activation])
 
   @nn.compact
   def __call__(self, x: jax.Array, training: bool = False,
-               token_importance: Optional[jax.Array] = None):
-    """x [..., D] -> (y [..., D], MoEAux). `token_importance` [...] for 'adaptive_k'."""
+               token_importance: Optional[jax.Array] = None,
+               token_mask: Optional[jax.Array] = None):
+    """x [..., D] -> (y [..., D], MoEAux).
+
+    token_importance [...]: for routers that need it ('adaptive_k').
+    token_mask bool[...]: tokens to route; the others (e.g. padding rows of an eval
+      batch) get no expert, take no capacity and are left out of every metric.
+    """
     self._validate()
     self._check_width(x.shape[-1])
     lead_shape, width = x.shape[:-1], x.shape[-1]
-    if token_importance is not None:
-      chex.assert_shape(token_importance, lead_shape)
+    for name, value in (('token_importance', token_importance), ('token_mask', token_mask)):
+      if value is not None:
+        chex.assert_shape(value, lead_shape, custom_message=f'MoE {name}')
     tokens = x.reshape(-1, width)
-    num_tokens, E = tokens.shape[0], self.num_experts
+    valid = None if token_mask is None else token_mask.reshape(-1).astype(jnp.bool_)
+    spec = routers.get(self.router)
 
     with jax.named_scope('router'):
-      route, logits, gate_embeddings = self._route(tokens, training, token_importance)
-    wi, wi_gate, wo = self._expert_params(width)
-    expert_tokens = tokens.astype(self.dtype)
+      route, logits, router_params = spec.route(self, tokens, training, token_importance)
+    if valid is not None:
+      route = routing.mask_tokens(route, valid)
+    ffn = self._experts(width)
 
     impl = self.dispatch_impl
-    if (impl == 'shard_map_a2a' and self.is_initializing()
-        and jax.sharding.get_abstract_mesh().empty):
-      impl = 'sort'  # same parameters; init needs no mesh, apply does
-    if impl in ('sort', 'einsum'):
-      capacity = self._capacity(num_tokens, training)
-      priority = route.scores if self.priority == 'score' else None
-      expert_inputs, state = dispatch_lib.dispatch(
-          expert_tokens, route.mask, capacity, priority=priority, impl=impl,
-          max_k=self._pairs_per_token())
-      expert_inputs = sharding.constrain(expert_inputs, DISPATCHED_AXES)
-      chex.assert_shape(expert_inputs, (E, capacity, width))
-      expert_outputs = self._ffn_capacity(expert_inputs, wi, wi_gate, wo)
-      expert_outputs = sharding.constrain(expert_outputs, DISPATCHED_AXES)
-      y = dispatch_lib.combine(expert_outputs, route.weights, state)
-      num_routed, num_dropped = state.num_routed, state.num_dropped
-    elif impl == 'shard_map_a2a':
-      params = [w for w in (wi, wi_gate, wo) if w is not None]
+    if impl == 'shard_map_a2a' and self.is_initializing():
+      impl = 'sort'  # same parameters; init runs on one example that need not split over a mesh
+    routed = experts.Routed(
+        tokens=tokens.astype(self.dtype), route=route,
+        priority=route.scores if self.priority == 'score' else None,
+        max_k=spec.pairs_per_token(self),
+        capacity=lambda num_tokens: self.capacity(num_tokens, training))
+    computed = experts.PATHS[impl](routed, ffn)
+    y = computed.output
 
-      def local_experts(inputs, *local_params):  # [S, E_local, C, D]
-        lwi, lwo = local_params[0], local_params[-1]
-        lwg = local_params[1] if wi_gate is not None else None
-        shards, local_e, cap, _ = inputs.shape
-        flat = inputs.transpose(1, 0, 2, 3).reshape(local_e, shards * cap, width)
-        out = self._ffn_capacity(flat, lwi, lwg, lwo)
-        return out.reshape(local_e, shards, cap, width).transpose(1, 0, 2, 3)
-
-      y, num_routed, num_dropped = sharding.expert_parallel_ffn(
-          expert_tokens, route.mask, route.weights,
-          route.scores if self.priority == 'score' else None, local_experts, params,
-          lambda local_tokens: self._capacity(local_tokens, training))
-      y = y.astype(self.dtype)
-    elif impl == 'ragged':
-      sorted_inputs, state = dispatch_lib.ragged_dispatch(
-          expert_tokens, route.mask, max_k=self._pairs_per_token())
-      sorted_outputs = self._ffn_ragged(sorted_inputs, state.group_sizes, wi, wi_gate, wo)
-      y = dispatch_lib.ragged_combine(sorted_outputs, route.weights, state)
-      num_routed, num_dropped = state.num_routed, state.num_dropped
-    else:  # all_experts: every expert on every token, weighted by the (masked) router weights
-      expert_inputs = jnp.broadcast_to(expert_tokens[None], (E, num_tokens, width))
-      expert_outputs = self._ffn_capacity(expert_inputs, wi, wi_gate, wo)
-      y = jnp.einsum('te,etd->td', route.weights,
-                     routing.upcast(expert_outputs)).astype(self.dtype)
-      num_routed, num_dropped = route.mask.sum(dtype=jnp.int32), jnp.zeros((), jnp.int32)
-
-    aux_loss, loss_metrics = self._aux_losses(route, logits, gate_embeddings)
+    aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params)
     routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
     unrouted = route.num_active == 0
+    if valid is not None:
+      unrouted = unrouted & valid
+    num_tokens = (jnp.asarray(tokens.shape[0], jnp.float32) if valid is None
+                  else valid.sum(dtype=jnp.float32))
     metrics = {
-        'active_experts': route.num_active.astype(jnp.float32).mean(),
-        'dropped_fraction': num_dropped / jnp.maximum(num_routed, 1).astype(jnp.float32),
+        'active_experts': _token_mean(route.num_active.astype(jnp.float32), valid),
+        'dropped_fraction': computed.num_dropped / jnp.maximum(computed.num_routed, 1).astype(
+            jnp.float32),
         'expert_load': routed_per_expert / jnp.maximum(routed_per_expert.sum(), 1).astype(
             jnp.float32),
-        'unrouted_fraction': unrouted.astype(jnp.float32).mean(),
+        'unrouted_fraction': _token_mean(unrouted.astype(jnp.float32), valid),
         # 1.0 / 0.0 flags: lets the trainer name the layer where NaN/Inf first appears.
         'input_finite': jnp.all(jnp.isfinite(x)).astype(jnp.float32),
         'router_finite': jnp.all(jnp.isfinite(route.weights)).astype(jnp.float32),
@@ -299,30 +214,17 @@ class MoE(nn.Module):
     record = RoutingRecord(
         tokens_per_expert=routed_per_expert,
         unrouted_count=unrouted.sum(dtype=jnp.int32),
-        unrouted_input_sum=jnp.where(unrouted[:, None], routing.upcast(tokens), 0.0).sum(0))
+        unrouted_input_sum=jnp.where(unrouted[:, None], routing.upcast(tokens), 0.0).sum(0),
+        dropped_pairs=computed.num_dropped.astype(jnp.int32))
     # Per-token expert counts for analysis (harder inputs, more experts?); stored only
     # when the caller makes 'intermediates' mutable, otherwise a no-op.
-    self.sow('intermediates', 'active_experts_per_token', route.num_active.reshape(lead_shape))
+    self.sow('intermediates', 'active_experts_per_token', route.num_active.reshape(lead_shape),
+             init_fn=lambda: None, reduce_fn=lambda _, new: new)
     y = y.reshape(*lead_shape, width).astype(x.dtype)
-    return y, MoEAux(loss=aux_loss, metrics=metrics, record=record)
+    return y, MoEAux(loss=aux_loss, metrics=metrics, record=record, num_tokens=num_tokens)
 
-  def _aux_losses(self, route: routing.RouterOutput, logits, gate_embeddings):
-    terms = {}
-    if self.router == 'top_any':
-      terms['diversity'] = (self.diversity_weight, lambda: losses.diversity(gate_embeddings))
-      terms['simplicity'] = (self.simplicity_weight, lambda: losses.simplicity(gate_embeddings))
-    else:
-      if self.router != 'expert_choice':
-        terms['load_balance'] = (self.load_balance_weight,
-                                 lambda: losses.load_balance(route.scores, route.mask))
-      terms['z_loss'] = (self.z_loss_weight, lambda: losses.z_loss(logits))
-      if self.router == 'top_p':
-        terms['entropy'] = (self.entropy_weight, lambda: losses.router_entropy(route.scores))
-    total = jnp.zeros((), jnp.float32)
-    metrics = {}
-    for name, (weight, fn) in terms.items():
-      if weight:
-        value = fn()
-        metrics[name] = value
-        total = total + weight * value
-    return total, metrics
+
+def _token_mean(values: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
+  if valid is None:
+    return values.mean()
+  return jnp.where(valid, values, 0.0).sum() / jnp.maximum(valid.sum(), 1).astype(values.dtype)

@@ -4,6 +4,10 @@ Any config field can be overridden: --config.model.moe.router=top_k.
 Multi-host: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or
 the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
 variables); on Cloud TPU `--multihost` alone lets JAX discover the slice.
+
+A mistake of the user's (a bad config file, field or value, a dataset that is not
+prepared, a workdir that holds another run) ends with one line on stderr and exit
+code 2, before anything is written.
 """
 import json
 import logging
@@ -26,16 +30,54 @@ _CPU_COLLECTIVES = flags.DEFINE_string('cpu_collectives', None,
                                        "CPU collectives for multi-process CPU runs: 'gloo'")
 
 
-def main(argv):
-  del argv
-  # orbax logs every save at absl INFO; keep the terminal for the progress bar and our log.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = logging.StreamHandler()
+def one_line(error: BaseException) -> str:
+  text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+  return ' '.join(text.replace('\\n', ' ').split())
+
+
+def fail(message: str):
+  sys.stderr.write(f'error: {message}\n')
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parsing, with config-file and override errors as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(one_line(e))
+  except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    fail(f'a --config override names no field of the config ({one_line(e)}); '
+         f'overrides given: {overrides}')
+  except (OSError, ValueError, TypeError) as e:  # config file missing, bad value or type
+    fail(one_line(e))
+
+
+class TqdmHandler(logging.Handler):
+  """Log lines above the progress bar, never appended to it."""
+
+  def emit(self, record):
+    from tqdm import tqdm
+    try:
+      tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # noqa: BLE001  logging must not raise
+      self.handleError(record)
+
+
+def setup_logging():
+  # orbax logs every save at absl INFO and tfds warns about the directories it probes:
+  # keep the terminal for the progress bar and our own log (logger 'dynmoe_jax').
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  handler = TqdmHandler()
   handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
   ours = logging.getLogger('dynmoe_jax')
   ours.setLevel(logging.INFO)
   ours.addHandler(handler)
   ours.propagate = False
+
+
+def initialize_distributed():
   import jax
   coordinator = _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if _CPU_COLLECTIVES.value:
@@ -47,16 +89,29 @@ def main(argv):
         int(os.environ['JAX_PROCESS_ID']) if 'JAX_PROCESS_ID' in os.environ else None)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
                                process_id=pid)
-  from dynmoe_jax import config_lib, train
-  config = _CONFIG.value
+
+
+def main(argv):
+  del argv
   try:
-    config_lib.validate(config)
-  except config_lib.ConfigError as e:
-    sys.exit(f'error: {e}')
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+    config = _CONFIG.value
+    config.to_dict()  # config_flags reports a file it could not load on first access
+  except (OSError, AttributeError, KeyError, ValueError, TypeError) as e:
+    fail(one_line(e))
+  setup_logging()
+  initialize_distributed()
+  import jax
+  from dynmoe_jax import checkpointing, config_lib, train
+  from dynmoe_jax.data import pipeline
+  user_errors = (config_lib.ConfigError, checkpointing.ModelMismatchError,
+                 pipeline.DatasetNotFoundError, pipeline.SplitError)
+  try:
+    result = train.train_and_evaluate(config, _WORKDIR.value)
+  except user_errors as e:
+    fail(one_line(e))
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -7,17 +7,18 @@ from typing import Dict, List
 
 import numpy as np
 
+from dynmoe_jax import names
+
+# Distinct styles, so layers whose lines coincide stay visible.
+_STYLES = [dict(ls='-', lw=2.6, marker='o'), dict(ls='--', lw=1.8, marker='s'),
+           dict(ls=':', lw=1.6, marker='^'), dict(ls='-.', lw=1.4, marker='D')]
+
 
 def read_jsonl(path: str) -> List[Dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def _moe_layers(rows):
-  return sorted({k.split('/')[1] for r in rows for k in r if k.startswith('moe/')},
-                key=lambda n: int(n.split('_')[-1]))
 
 
 def save_figure(fig, path: str, dpi: int) -> str:
@@ -29,10 +30,16 @@ def save_figure(fig, path: str, dpi: int) -> str:
   return path
 
 
+def step_edges(steps: List[int], first_start: int = 0) -> np.ndarray:
+  """Each row covers the steps since the previous row: (previous step, step]."""
+  return np.asarray([first_start] + list(steps), np.float64)
+
+
 def write_plots(workdir: str) -> List[str]:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   train = [r for r in rows if r.get('split') == 'train']
@@ -60,48 +67,62 @@ def write_plots(workdir: str) -> List[str]:
     ax.legend()
   save(fig, 'loss_accuracy.png')
 
-  layers = _moe_layers(train)
+  layers = names.moe_layers_in(train)
   if layers:
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name in layers:
-      pts = [(r['step'], r[f'moe/{name}/active_experts']) for r in train
-             if f'moe/{name}/active_experts' in r]
-      ax.plot(*zip(*pts), label=name)
-      counts = [(r['step'], len(r[f'moe/{name}/expert_load'])) for r in train
-                if f'moe/{name}/expert_load' in r]
-      ax.plot(*zip(*counts), ls=':', color=ax.lines[-1].get_color(),
-              label=f'{name} experts')
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, layer in enumerate(layers):
+      key = names.metric_key(layer, 'active_experts')
+      pts = [(r['step'], r[key]) for r in train if key in r]
+      line, = ax.plot(*zip(*pts), label=f'{layer} (training: mean of the log window)')
+      evals_pts = [(r['step'], r[key]) for r in evals if key in r]
+      if evals_pts:
+        ax.plot(*zip(*evals_pts), ls='none', marker='o', color=line.get_color(),
+                label=f'{layer} (evaluation)')
+      load = names.metric_key(layer, 'expert_load')
+      counts = [(r['step'], len(r[load])) for r in train if load in r]
+      ax.plot(*zip(*counts), ls=':', color=line.get_color(), label=f'{layer} experts')
     ax.set_xlabel('step')
-    ax.set_ylabel('active experts per token')
+    ax.set_ylabel('experts per token')
+    ax.set_title('active experts per token (training and evaluation modes)', fontsize=9)
     ax.legend(fontsize=7)
     save(fig, 'active_experts.png')
 
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], layers):
-      loads = [r[f'moe/{name}/expert_load'] for r in train if f'moe/{name}/expert_load' in r]
-      steps = [r['step'] for r in train if f'moe/{name}/expert_load' in r]
-      width = max(len(x) for x in loads)
-      grid = np.full((len(loads), width), np.nan)
-      for i, x in enumerate(loads):
-        grid[i, :len(x)] = x
-      im = ax.imshow(grid.T, aspect='auto', origin='lower', cmap='viridis', interpolation='nearest',
-                     extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, width - 0.5))
-      ax.set_title(f'{name} expert load')
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.8 * len(layers), 3.8), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+      load = names.metric_key(layer, 'expert_load')
+      with_load = [r for r in train if load in r]
+      width = max(len(r[load]) for r in with_load)
+      grid = np.full((width, len(with_load)), np.nan)
+      for i, r in enumerate(with_load):
+        grid[:len(r[load]), i] = r[load]
+      x_edges = step_edges([r['step'] for r in with_load])
+      y_edges = np.arange(width + 1) - 0.5
+      mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap='viridis',
+                           shading='flat')
+      ax.set_title(f'{layer} expert load (training)')
       ax.set_xlabel('step')
       ax.set_ylabel('expert')
-      fig.colorbar(im, ax=ax, fraction=0.046)
+      ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+      fig.colorbar(mesh, ax=ax, fraction=0.046, label='share of routed pairs')
     save(fig, 'expert_load.png')
 
   adaptation = read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
-  if adaptation:
+  if adaptation and layers:
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name in sorted({e['layer'] for e in adaptation}, key=lambda n: int(n.split('_')[-1])):
-      events = [e for e in adaptation if e['layer'] == name]
-      steps = [0] + [e['step'] for e in events]
-      counts = [events[0]['experts_before']] + [e['experts_after'] for e in events]
-      ax.step(steps, counts, where='post', label=name, marker='o')
-    ax.set_xlabel('step')
+    for i, layer in enumerate(layers):
+      load = names.metric_key(layer, 'expert_load')
+      pts = [(0, len(train[0][load]))] + [(r['step'], len(r[load])) for r in train if load in r]
+      boundaries = {e['step'] for e in adaptation if e['layer'] == layer}
+      marks = [j for j, (step, _) in enumerate(pts) if step in boundaries]
+      style = dict(_STYLES[i % len(_STYLES)])
+      if marks:
+        style['markevery'] = marks
+      else:
+        style['marker'] = None
+      ax.step(*zip(*pts), where='post', label=layer, **style)
+    ax.set_xlabel('step (markers: boundaries that changed the layer)')
     ax.set_ylabel('experts')
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     save(fig, 'experts_per_layer.png')
   return written

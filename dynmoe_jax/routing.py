@@ -52,6 +52,12 @@ def _output(mask: jax.Array, weights: jax.Array, scores: jax.Array) -> RouterOut
                       num_active=mask.sum(axis=-1, dtype=jnp.int32))
 
 
+def mask_tokens(route: RouterOutput, valid: jax.Array) -> RouterOutput:
+  """The same routing with tokens where `valid` bool[T] is False routed nowhere."""
+  mask = route.mask & valid[:, None]
+  return _output(mask, route.weights, route.scores)
+
+
 def _mask_from_indices(indices: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
   """indices int[T, K], valid bool[T, K] -> bool[T, E]."""
   one_hot = jax.nn.one_hot(indices, num_experts, dtype=jnp.bool_) & valid[..., None]
@@ -181,7 +187,7 @@ def adaptive_k(logits: jax.Array, k_per_token: jax.Array, max_k: int) -> RouterO
   """DA-MoE (arXiv 2409.06669): token t takes its top K_t experts, 1 <= K_t <= max_k.
 
   Weights are the softmax probabilities renormalised over the chosen experts.
-  The paper ships no code; this follows its description (see DESIGN.md).
+  The paper ships no code; this follows its description (docs/design.md).
 
   Args:
     logits: [T, E].

@@ -10,7 +10,7 @@ Measured in one process, one after the other, on an otherwise idle machine:
      + reallocate + any wait for the compiler, from adaptation.jsonl) plus how much slower
      the lead steps ran while the compiler shared the CPU: the sum over those steps of
      (step time - the median step time of the same layout's steps outside any window);
-  3. what a compile is made of: `Trainer._compile` of the default model with dense
+  3. what a compile is made of: `Trainer.compile` of the default model with dense
      FFNs, with top-k, and with top-any (the default), each timed once.
 
 `--spare_core` measures a host where the compiler has a core of its own: training (the
@@ -34,23 +34,19 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 # Before jax starts: XLA sizes its intra-op thread pool from the CPUs this process may use.
 if __name__ == '__main__' and '--spare_core' in sys.argv:
   os.sched_setaffinity(0, {0})
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import mnist1d_dynmoe  # noqa: E402
-from dynmoe_jax import plots, sharding, train  # noqa: E402
+import common  # noqa: E402
+from dynmoe_jax import plots, train  # noqa: E402
 
 
 def default_config():
-  config = mnist1d_dynmoe.get_config()
+  config = common.load_config('mnist1d_dynmoe')
   config.progress_bar = False
   return config
 
@@ -79,20 +75,9 @@ class CompilerToSpareCore:
 
 
 def default_step_seconds(workdir: str, rounds: int, steps: int) -> float:
-  trainer = train.Trainer(default_config(), workdir)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    state = trainer.restore_or_init()
-    batch = trainer._device_batch(trainer.stream.batch(0))
-    times = []
-    for round_index in range(rounds + 1):
-      start = time.perf_counter()
-      for _ in range(steps):
-        state, metrics, _ = trainer.compiled.train_step(state, batch)
-      jax.block_until_ready((state, metrics))
-      if round_index:  # round 0 warms up
-        times.append((time.perf_counter() - start) / steps)
-  trainer.checkpointer.close()
-  return float(np.median(times))
+  trainer, state = common.restored(default_config(), workdir)
+  stepper = common.train_stepper(trainer, state, steps)
+  return common.interleaved_seconds({'default': stepper}, rounds)['default'] / steps
 
 
 def compile_seconds(workdir: str) -> dict:
@@ -108,10 +93,8 @@ def compile_seconds(workdir: str) -> dict:
     if 'router' in edit:
       config.model.moe.router = edit['router']
     trainer = train.Trainer(config, os.path.join(workdir, name.split()[0]))
-    start = time.perf_counter()
-    trainer._compile(config_lib.experts_layout(config))
-    out[name] = time.perf_counter() - start
-    trainer.checkpointer.close()
+    out[name] = trainer.compile(config_lib.experts_layout(config)).seconds
+    trainer.close()
   return out
 
 
@@ -172,7 +155,7 @@ def main(argv=None):
   parser.add_argument('--boundaries', type=int, default=3)
   parser.add_argument('--spare_core', action='store_true',
                       help='training on CPU 0, the compiler on CPU 1 (see the module doc)')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
+  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
                                                      'adaptation_cost'))
   args = parser.parse_args(argv)
   if args.spare_core and (os.sched_getaffinity(0) != {0} or (os.cpu_count() or 1) < 2):

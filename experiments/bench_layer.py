@@ -5,7 +5,7 @@ steps after a compile-and-warm-up call:
   * dense:  FFN with hidden 2F (the activated FLOPs of a top-2 MoE, no routing)
   * top_k:  MoE, k=2, each dispatch impl (sort, einsum, ragged)
   * top_any: DynMoE gating with thresholds set so about 2 experts are active
-  * naive:  every expert on every token, masked by the router (dispatch_impl='all_experts')
+  * naive:  every expert on every token, masked by the router (dispatch_impl='all_experts_reference')
 
 Prints a table, writes JSON and a PNG. Timings on a shared CPU are noisy: read
 the ratios (each row / dense in the same run), not the absolute times.
@@ -84,7 +84,7 @@ def build_cases(num_experts, hidden, impls, include_naive):
     cases.append((f'top_k2/{impl}', dict(router='top_k', k=2, dispatch_impl=impl)))
     cases.append((f'top_any~2/{impl}', dict(router='top_any', k=2, dispatch_impl=impl)))
   if include_naive:
-    cases.append(('naive_all_experts', dict(router='top_k', k=2, dispatch_impl='all_experts')))
+    cases.append(('naive_all_experts', dict(router='top_k', k=2, dispatch_impl='all_experts_reference')))
   return [(name, layers.MoE(num_experts=num_experts, hidden_dim=hidden,
                             capacity_factor=1.25, **kw)) for name, kw in cases]
 

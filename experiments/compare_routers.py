@@ -27,18 +27,13 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import jax
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from dynmoe_jax import config_lib, plots, sharding, train  # noqa: E402
-from dynmoe_jax.data import pipeline  # noqa: E402
-from dynmoe_jax.default_config import lm_config, mnist1d_config  # noqa: E402
-from dynmoe_jax.models import transformer  # noqa: E402
+import common
+from dynmoe_jax import config_lib, names, plots, train
+from dynmoe_jax.data import pipeline
+from dynmoe_jax.default_config import lm_config, mnist1d_config
 
 TASKS = ('mnist1d', 'lm')
 ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe',
@@ -73,14 +68,6 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def _set(config, dotted: str, value):
-  *parents, leaf = dotted.split('.')
-  node = config
-  for name in parents:
-    node = node[name]
-  node[leaf] = value
 
 
 def router_variants() -> Dict[str, Callable]:
@@ -123,8 +110,7 @@ def router_variants() -> Dict[str, Callable]:
 
 def make_config(task: str, router: str, seed: int, preset: str):
   c = mnist1d_config('top_any') if task == 'mnist1d' else lm_config('top_any')
-  for dotted, value in PRESETS[preset][task].items():
-    _set(c, dotted, value)
+  common.apply_overrides(c, PRESETS[preset][task])
   steps = c.num_train_steps
   c.seed = seed
   c.progress_bar = False
@@ -140,7 +126,7 @@ def make_config(task: str, router: str, seed: int, preset: str):
 
 def moe_blocks(task: str, preset: str) -> int:
   """How many blocks are MoE in the compared models (dense: the same blocks)."""
-  return len(transformer.moe_layer_names(config_lib.experts_layout(
+  return len(names.moe_layer_names(config_lib.experts_layout(
       make_config(task, 'top2', 0, preset))))
 
 
@@ -154,25 +140,10 @@ def expert_params_per_token(config, active: Dict[str, float], blocks: int) -> fl
 
 
 def summarize_run(config, workdir: str, blocks: int) -> Dict[str, Any]:
-  rows = plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-  train_rows = [r for r in rows if r['split'] == 'train']
-  final_eval = [r for r in rows if r['split'] == 'eval'][-1]
-  layers = sorted({k.split('/')[1] for k in final_eval if k.startswith('moe/')},
-                  key=lambda n: int(n.split('_')[-1]))
-  last_fifth = train_rows[-max(1, len(train_rows) // 5):]
-  active = {l: final_eval[f'moe/{l}/active_experts'] for l in layers}
-  metric = 'accuracy' if config.model.task == 'classify' else 'bits_per_byte'
-  return {
-      'metric': metric, 'value': final_eval[metric], 'eval_loss': final_eval['loss'],
-      'active_experts': active,
-      'mean_active_experts': float(np.mean(list(active.values()))) if active else None,
-      'expert_params_per_token': expert_params_per_token(config, active, blocks),
-      'final_experts': {l: len(train_rows[-1][f'moe/{l}/expert_load']) for l in layers},
-      'train_dropped_fraction': {l: float(np.mean([r[f'moe/{l}/dropped_fraction']
-                                                   for r in last_fifth])) for l in layers},
-      'eval_dropped_fraction': {l: final_eval[f'moe/{l}/dropped_fraction'] for l in layers},
-      'adaptations': plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl')),
-  }
+  summary = common.run_summary(workdir)
+  summary['expert_params_per_token'] = expert_params_per_token(
+      config, summary['active_experts'], blocks)
+  return summary
 
 
 def say(line: str):
@@ -236,37 +207,16 @@ def train_all(args) -> Dict[str, Dict[str, List[Dict]]]:
 # ----------------------------------------------------------------------------- phase 2
 
 
-def restored(config, workdir: str):
-  """(trainer, final train state) of a finished run; nothing more is saved to it."""
-  trainer = train.Trainer(config, workdir)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    state = trainer.restore_or_init()
-  trainer.checkpointer.close()
-  return trainer, state
-
-
 def time_train_steps(args, task: str) -> Dict[str, float]:
-  """Steps/s of each router's compiled train step, measured in interleaved rounds so
-  that machine load affects every router alike; the median round counts."""
+  """Steps/s of each router's compiled train step (seed 0's final state), measured in
+  interleaved rounds; the median round counts."""
   steppers = {}
   for router in args.routers:
     config = make_config(task, router, args.seeds[0], args.preset)
-    trainer, state = restored(config, run_dir(args, task, router, args.seeds[0]))
-    batch = trainer._device_batch(trainer.stream.batch(0))
-    steppers[router] = [trainer, state, batch]
-  seconds = {router: [] for router in steppers}
-  for round_index in range(args.timing_rounds + 1):
-    for router, entry in steppers.items():
-      trainer, state, batch = entry
-      with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        start = time.perf_counter()
-        for _ in range(args.timing_steps):
-          state, metrics, _ = trainer.compiled.train_step(state, batch)
-        jax.block_until_ready((state, metrics))
-        if round_index:  # round 0 warms up
-          seconds[router].append(time.perf_counter() - start)
-      entry[1] = state
-  return {router: args.timing_steps / float(np.median(s)) for router, s in seconds.items()}
+    trainer, state = common.restored(config, run_dir(args, task, router, args.seeds[0]))
+    steppers[router] = common.train_stepper(trainer, state, args.timing_steps)
+  return common.steps_per_second(common.interleaved_seconds(steppers, args.timing_rounds),
+                                 args.timing_steps)
 
 
 # ----------------------------------------------------------------------------- phase 3
@@ -278,42 +228,46 @@ def per_token_experts(trainer, params, batch):
   inputs = train.model_inputs(batch, trainer.config.model.task)
   (logits, _), state = model.apply({'params': params}, inputs, training=False,
                                    mutable=['intermediates'])
-  counts = {name: state['intermediates'][name]['moe']['active_experts_per_token'][0]
-            for name in transformer.moe_layer_names(trainer.compiled.layout)}
+  counts = {name: state['intermediates'][name]['moe']['active_experts_per_token']
+            for name in names.moe_layer_names(trainer.compiled.layout)}
   return logits, counts
 
 
 def routing_analysis(config, workdir: str) -> Dict[str, Any]:
   """Experts per token against difficulty for one finished run."""
-  trainer, state = restored(config, workdir)
+  trainer, state = common.restored(config, workdir)
   task = config.model.task
-  forward = jax.jit(lambda params, batch: per_token_experts(trainer, params, batch))
+
+  @jax.jit
+  def forward(params, batch):
+    logits, counts = per_token_experts(trainer, params, batch)
+    return logits, counts, train.example_losses(logits, batch, task)[0]
+
   d = config.data
 
   def pass_over(name: str):
     """Per-example (classify) or per-byte (lm) loss, correctness and experts per token."""
     source = pipeline.get_source(name, d.eval_split, d.data_dir)
     losses, correct, experts = [], [], []
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with common.mesh_of(trainer):
       for batch in pipeline.eval_batches(source, trainer.preprocess, config.eval_batch_size):
         keep = batch.pop('mask') > 0
-        logits, counts = jax.device_get(forward(state.params, batch))
-        layer_counts = np.stack([counts[n] for n in sorted(counts)], -1)  # [B, S, L]
+        logits, counts, loss = jax.device_get(forward(state.params, batch))
+        layer_counts = np.stack([counts[n] for n in sorted(counts, key=names.layer_index)],
+                                -1)  # [B, S, L]
         if task == 'classify':
-          loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
           losses.append(np.asarray(loss)[keep])
           correct.append((logits.argmax(-1) == batch['labels'])[keep])
           experts.append(layer_counts.mean(1)[keep])  # [B, L]: mean over the signal's tokens
         else:
           targets = batch['inputs'][:, 1:]
-          loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
           valid = (targets > 0) & keep[:, None]
           losses.append(np.asarray(loss)[valid])
           correct.append((logits.argmax(-1) == targets)[valid])
           experts.append(layer_counts[valid])  # [N, L]: the token predicting that byte
     return np.concatenate(losses), np.concatenate(correct), np.concatenate(experts, 0)
 
-  out: Dict[str, Any] = {'layers': transformer.moe_layer_names(trainer.compiled.layout)}
+  out: Dict[str, Any] = {'layers': names.moe_layer_names(trainer.compiled.layout)}
   losses, _, experts = pass_over(d.name)
   edges = np.quantile(losses, np.linspace(0, 1, LOSS_BINS + 1))
   bins = np.clip(np.searchsorted(edges, losses, side='right') - 1, 0, LOSS_BINS - 1)
@@ -333,11 +287,7 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- phase 4
 
 
-def mean_std(values):
-  values = np.asarray([v for v in values if v is not None], np.float64)
-  if not values.size:
-    return None, None
-  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+mean_std = common.mean_std
 
 
 def aggregate(task_runs: Dict[str, List[Dict]], steps_per_sec: Dict[str, float],
@@ -419,7 +369,7 @@ def write_plots(results: Dict[str, Any], out: str) -> List[str]:
   for ax, task in zip(axes[0], tasks):
     rows = [r for r in results['tasks'][task]['rows'] if r['active_experts_per_layer']]
     layers = sorted({l for r in rows for l in r['active_experts_per_layer']},
-                    key=lambda n: int(n.split('_')[-1]))
+                    key=names.layer_index)
     width = 0.8 / max(1, len(layers))
     for i, layer in enumerate(layers):
       ax.bar(np.arange(len(rows)) + i * width,
@@ -476,7 +426,7 @@ def main(argv=None):
                       help='redraw the PNGs from OUT/results.json, nothing else')
   parser.add_argument('--train_only', action='store_true',
                       help='phase 1 only (the per-run worker of --jobs > 1)')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
+  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
                                                      'compare_routers'))
   args = parser.parse_args(argv)
   args.tasks = args.tasks.split(',')

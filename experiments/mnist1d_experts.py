@@ -16,15 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+import common
+from dynmoe_jax import plots, train
+from dynmoe_jax.default_config import mnist1d_config
 
-from dynmoe_jax import plots, train  # noqa: E402
-from dynmoe_jax.default_config import mnist1d_config  # noqa: E402
+ROOT = common.ROOT
 
 
 def run_configs(steps: int, adaptive_every: int, seed: int = 0):
@@ -55,19 +54,16 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
 
 
 def summarize(name: str, workdir: str):
-  rows = plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-  train_rows = [r for r in rows if r['split'] == 'train']
-  final_eval = [r for r in rows if r['split'] == 'eval'][-1]
-  layers = sorted({k.split('/')[1] for k in final_eval if k.startswith('moe/')})
-  events = plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
-  experts = {l: len(train_rows[-1][f'moe/{l}/expert_load']) for l in layers}
+  summary = common.run_summary(workdir)
+  train_rows = [r for r in plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+                if r['split'] == 'train']
+  layers = list(summary['active_experts'])
   return {
-      'name': name, 'accuracy': final_eval['accuracy'],
-      'active_experts': {l: final_eval[f'moe/{l}/active_experts'] for l in layers},
-      'final_experts': experts,
+      'name': name, 'accuracy': summary['value'], 'active_experts': summary['active_experts'],
+      'final_experts': summary['final_experts'],
       'steps_per_sec': float(np.median([r['steps_per_sec'] for r in train_rows[1:] or train_rows])),
-      'adaptation_seconds': [e['seconds'] for e in events[::max(1, len(layers))]],
-      'adaptations': events,
+      'adaptation_seconds': [e['seconds'] for e in summary['adaptations'][::max(1, len(layers))]],
+      'adaptations': summary['adaptations'],
   }
 
 

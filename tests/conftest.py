@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import shutil
 import sys
@@ -10,11 +9,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
-  """One XLA compilation cache per test session, shared by the xdist workers and the
-  subprocesses they start: many tests build the same small models, and a repeat is a
-  cache hit. Every session starts empty, so it compiles everything once, as CI does."""
-  if hasattr(config, 'workerinput') or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
-    return  # an xdist worker inherits the controller's; a user's own cache is kept
+  """Per test session, shared by the xdist workers and the subprocesses they start:
+  - a temporary tfds data dir, so the suite never writes into the user's
+    ~/tensorflow_datasets (the local data sets are generated there once per session);
+  - one XLA compilation cache: many tests build the same small models, and a repeat is
+    a cache hit. Every session starts empty, so it compiles everything once, as CI does."""
+  if hasattr(config, 'workerinput'):
+    return  # an xdist worker inherits the controller's environment
+  data_dir = tempfile.mkdtemp(prefix='dynmoe-test-tfds-')
+  os.environ['TFDS_DATA_DIR'] = data_dir
+  config._dynmoe_tfds = data_dir
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return  # a user's own cache is kept
   path = tempfile.mkdtemp(prefix='dynmoe-test-xla-cache-')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = path
   config._dynmoe_xla_cache = path
@@ -23,18 +29,16 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-  path = getattr(config, '_dynmoe_xla_cache', None)
-  if path:
-    shutil.rmtree(path, ignore_errors=True)
+  for attribute in ('_dynmoe_xla_cache', '_dynmoe_tfds'):
+    path = getattr(config, attribute, None)
+    if path:
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def load_config(name: str, *args):
   """get_config() of configs/<name>.py, as config_flags would load it."""
-  path = os.path.join(ROOT, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  from dynmoe_jax import config_lib
+  return config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'), *args)
 
 
 @pytest.fixture

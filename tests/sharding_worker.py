@@ -22,7 +22,7 @@ if 'coordinator' in args:
 
 import numpy as np  # noqa: E402
 
-from dynmoe_jax import train  # noqa: E402
+from dynmoe_jax import plots, train  # noqa: E402
 from tests.conftest import load_config  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main():
         if jax.process_count() > 1 else jax.device_get(trainer.state.params)
     flat = {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    rows = train.plots.read_jsonl(os.path.join(args['workdir'], 'metrics.jsonl'))
+    rows = plots.read_jsonl(os.path.join(args['workdir'], 'metrics.jsonl'))
     losses = [r['loss'] for r in rows if r['split'] == 'train']
     np.savez(sys.argv[1], losses=np.array(losses), eval_loss=result['eval']['loss'],
              shard_shape=np.array(shard_shapes[0]), num_shard_shapes=len(shard_shapes),

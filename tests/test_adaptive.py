@@ -34,8 +34,8 @@ def make_plan(moe, boxed, params, rec, **kw):
   axes = adaptive.expert_axes(boxed)
   moe_axes = {k[-1]: v for k, v in axes.items()}
   kw = {'min_experts': 1, 'max_experts': 8, 'new_expert_init': 'fresh', **kw}
-  layer = adaptive.plan_layer(rec, jax.device_get(params), moe_axes, moe,
-                              rng=jax.random.PRNGKey(2), **kw)
+  layer = adaptive.plan_layer(rec, jax.device_get(params), moe_axes, router=moe.router,
+                              kernel_init=moe.kernel_init, rng=jax.random.PRNGKey(2), **kw)
   return adaptive.ResizePlan({(): layer}, {k: v for k, v in axes.items()}), layer
 
 
@@ -162,6 +162,7 @@ def adaptive_tiny():
   return config
 
 
+@pytest.mark.slow
 def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
   config = adaptive_tiny()
   straight = train.Trainer(config, str(tmp_path / 'straight'))
@@ -187,14 +188,16 @@ def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
   assert strip(resumed_events) == strip(events)
 
 
+@pytest.mark.slow
 def test_a_plan_that_keeps_the_shapes_keeps_the_compiled_steps(tmp_path, caplog):
   # Removing one expert and adding one gives the same layout: nothing to compile, and
   # no warning about a layout that differs from the one compiled ahead.
   trainer = train.Trainer(adaptive_tiny(), str(tmp_path))
   trainer.restore_or_init()
   current = trainer.compiled
-  trainer._ahead = (current.layout, None)  # what compile-ahead records for unchanged shapes
+  boundary = trainer.boundary
+  boundary._ahead = (current.layout, None)  # what compile-ahead records for unchanged shapes
   with caplog.at_level('WARNING'):
-    compiled, compile_seconds, waited, ahead = trainer._compiled_for(current.layout)
-  assert compiled is current and (compile_seconds, waited, ahead) == (0.0, 0.0, True)
-  assert trainer._ahead is None and not caplog.records
+    compiled, waited, ahead = boundary._compiled_for(current.layout, current)
+  assert compiled is current and (waited, ahead) == (0.0, True)
+  assert boundary._ahead is None and not caplog.records

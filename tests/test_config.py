@@ -14,15 +14,6 @@ def test_shipped_configs_validate(name):
   assert len(layout) == load_config(name).model.num_layers
 
 
-def _set(config, dotted, value):
-  *parents, leaf = dotted.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  with node.ignore_type():
-    node[leaf] = value
-
-
 BAD_CONFIGS = [
     # (field, value, expected message fragment); a dict sets several fields
     ('model.moe.router', 'top_q', "config.model.moe.router='top_q' is invalid: must be one of"),
@@ -57,6 +48,12 @@ BAD_CONFIGS = [
       'adaptive.compile_lead_steps': 60},
      'config.adaptive.record_steps=50 is invalid: plus adaptive.compile_lead_steps=60 must be '
      '<= adaptive.every=100'),
+    ({'adaptive.enabled': True, 'adaptive.every': 10, 'adaptive.record_steps': 2,
+      'adaptive.compile_lead_steps': 2, 'num_train_steps': 10},
+     'config.adaptive.every=10 is invalid: must be < num_train_steps=10'),
+    ('model.moe.num_experts', 0,
+     "config.model.moe.num_experts=0 is invalid: must be >= 1 for each MoE block (1,); for a "
+     "dense model set model.moe_layers='none'"),
     ({'adaptive.enabled': True, 'adaptive.compile_lead_steps': -1},
      'config.adaptive.compile_lead_steps=-1 is invalid: must be an int >= 0'),
 ]
@@ -71,7 +68,7 @@ BAD_CONFIGS = [(c[0], c[1]) if isinstance(c[0], dict) else ({c[0]: c[1]}, c[2])
 def test_bad_config_is_rejected_with_the_field_named(overrides, message):
   config = load_config('tiny')
   for field, value in overrides.items():
-    _set(config, field, value)
+    config_lib.set_field(config, field, value)
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.validate(config, num_devices=1)
   assert message in str(info.value), str(info.value)

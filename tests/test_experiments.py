@@ -3,14 +3,22 @@ worker processes, side-by-side timing, routing analysis, table, JSON and plots."
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # end-to-end: trains models
+
 
 def load_script(name):
+  """An experiments/ script as a module; its `import common` resolves as it does when the
+  script runs (Python puts the script's directory first on sys.path)."""
+  experiments_dir = os.path.join(ROOT, 'experiments')
+  if experiments_dir not in sys.path:
+    sys.path.insert(0, experiments_dir)
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments',
                                                                    f'{name}.py'))
   module = importlib.util.module_from_spec(spec)

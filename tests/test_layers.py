@@ -64,7 +64,7 @@ class MoELayerTest(parameterized.TestCase):
     imp = importance if router == 'adaptive_k' else None
     _, state = moe.apply(variables, x, training=training, token_importance=imp,
                          mutable=['intermediates'])
-    (per_token,) = state['intermediates']['active_experts_per_token']
+    per_token = state['intermediates']['active_experts_per_token']
     np.testing.assert_array_equal(per_token, np.asarray(route.mask).sum(-1).reshape(B, S))
 
   @parameterized.product(router=ROUTERS)

@@ -15,6 +15,8 @@ import pytest
 from dynmoe_jax import plots, train
 from tests.conftest import ROOT, load_config
 
+pytestmark = pytest.mark.slow  # end-to-end: trains models
+
 
 def start_main(workdir, *overrides):
   return subprocess.Popen(
@@ -151,3 +153,44 @@ def test_dropped_fraction_warning(tmp_path, tiny_config, caplog):
   with caplog.at_level('WARNING', logger='dynmoe_jax'):
     train.Trainer(tiny_config, str(tmp_path)).run()
   assert 'dropped' in caplog.text and 'raise model.moe.capacity_factor' in caplog.text
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_writes_plots(tmp_path):
+  proc = start_main(tmp_path, '--config.num_train_steps=100000', '--config.checkpoint_every=1000',
+                    '--config.eval_every=1000')
+  wait_for(lambda: len(steps_logged(tmp_path)) >= 2, proc)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'KeyboardInterrupt' not in err
+  result = json.loads(out[out.index('{'):])
+  assert result['status'] == 'preempted'
+  assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [result['step']]
+  assert (tmp_path / 'plots' / 'loss_accuracy.png').exists()
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 1000
+
+  def press_ctrl_c_twice(trainer, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)  # the handler runs as kill returns: stop requested
+      os.kill(os.getpid(), signal.SIGINT)  # the second one interrupts at once
+
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    train.Trainer(tiny_config, str(tmp_path), on_step=press_ctrl_c_twice).run()
+  assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+
+
+def test_all_checkpoints_unreadable_never_restarts_over_the_run(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 10
+  train.Trainer(tiny_config, str(tmp_path)).run()
+  for root, _, files in os.walk(tmp_path / 'checkpoints'):
+    for name in files:
+      if 'state' in root:
+        open(os.path.join(root, name), 'w').close()
+  rows = (tmp_path / 'metrics.jsonl').read_text()
+  with pytest.raises(ValueError, match='no checkpoint .* could be read'):
+    train.Trainer(tiny_config, str(tmp_path)).run()
+  assert (tmp_path / 'metrics.jsonl').read_text() == rows

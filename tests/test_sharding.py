@@ -1,94 +1,44 @@
-"""Experts across devices: GSPMD (pjit) path, shard_map all-to-all path, uneven
-expert counts, and two processes with jax.distributed. Each configuration runs in
-a subprocess because the CPU device count is fixed when JAX starts."""
-import os
-import socket
-import subprocess
-import sys
-
-import numpy as np
+"""dynmoe_jax.sharding: mesh shapes, the axis rules, fitted specs (pure functions; the
+multi-device runs are in test_multidevice.py)."""
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from tests.conftest import ROOT
-
-WORKER = os.path.join(ROOT, 'tests', 'sharding_worker.py')
-# Four Adam steps amplify float reassociation differences between layouts a little.
-ATOL, RTOL = 2e-5, 2e-4
+from dynmoe_jax import layers, sharding
 
 
-def run_worker(tmp_path, name, **kw):
-  out = tmp_path / f'{name}.npz'
-  args = [sys.executable, WORKER, str(out), f'workdir={tmp_path / name}',
-          *[f'{k}={v}' for k, v in kw.items()]]
-  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return dict(np.load(out))
+def test_mesh_shape_resolves_minus_one_and_names_bad_axes():
+  assert sharding.mesh_shape(-1, 4, 1, num_devices=8) == (2, 4, 1)
+  assert sharding.mesh_shape(2, 2, 2, num_devices=8) == (2, 2, 2)
+  with pytest.raises(ValueError, match='not divisible by the other mesh axes'):
+    sharding.mesh_shape(-1, 3, 1, num_devices=8)
+  with pytest.raises(ValueError, match='only one of'):
+    sharding.mesh_shape(-1, -1, 1, num_devices=8)
+  with pytest.raises(ValueError, match='needs 16 devices'):
+    sharding.mesh_shape(4, 4, 1, num_devices=8)
 
 
-def assert_same_training(a, b):
-  np.testing.assert_allclose(a['losses'], b['losses'], atol=ATOL, rtol=RTOL)
-  keys = [k for k in a if k.startswith('param')]
-  assert keys and keys == [k for k in b if k.startswith('param')]
-  for k in keys:
-    np.testing.assert_allclose(a[k], b[k], atol=ATOL, rtol=RTOL, err_msg=k)
+def test_rules_put_experts_on_the_expert_axis():
+  assert sharding.logical_to_spec(('expert', 'embed', 'mlp')) == P('expert', None, 'model')
+  assert sharding.logical_to_spec(('batch', None)) == P(('data', 'expert'), None)
 
 
-@pytest.fixture(scope='module')
-def single_device(tmp_path_factory):
-  path = tmp_path_factory.mktemp('single')
-  return {e: run_worker(path, f'single_e{e}', experts=e) for e in (8, 6)}
+def test_fit_spec_keeps_indivisible_dimensions_whole():
+  mesh = jax.sharding.AbstractMesh((2, 4, 1), sharding.MESH_AXES)
+  assert sharding.fit_spec((8, 16), P('expert', None), mesh) == P('expert', None)
+  assert sharding.fit_spec((6, 16), P('expert', None), mesh) == P(None, None)
 
 
-@pytest.mark.parametrize('impl', ['sort', 'shard_map_a2a'])
-def test_data2_expert4_mesh_matches_one_device(tmp_path, single_device, impl):
-  sharded = run_worker(tmp_path, impl, devices=8, data=2, expert=4, experts=8, impl=impl)
-  assert int(sharded['devices']) == 8
-  # wi [E, D, F] = [8, 32, 32]: each device holds its 2 experts
-  assert tuple(sharded['shard_shape']) == (2, 32, 32)
-  assert_same_training(sharded, single_device[8])
+def test_param_shardings_follow_logical_names():
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  moe = layers.MoE(num_experts=4, hidden_dim=8)
+  boxed = jax.eval_shape(lambda: moe.init(jax.random.PRNGKey(0), jnp.ones((4, 8))))['params']
+  shardings = sharding.param_shardings(boxed, mesh)
+  assert shardings['wi'].spec == P('expert', None, 'model')
+  assert shardings['thresholds'].spec == P('expert')
 
 
-@pytest.mark.parametrize('impl', ['sort', 'shard_map_a2a'])
-def test_six_experts_on_an_expert_axis_of_four(tmp_path, single_device, impl):
-  sharded = run_worker(tmp_path, f'e6_{impl}', devices=8, data=2, expert=4, experts=6,
-                       impl=impl)
-  # 6 does not split over 4: the expert dimension is kept whole (see sharding.fit_spec)
-  assert tuple(sharded['shard_shape']) == (6, 32, 32)
-  assert_same_training(sharded, single_device[6])
-
-
-def test_adaptive_resize_reshards_on_the_mesh(tmp_path):
-  # 4 experts on an expert axis of 4; resizes at steps 3 and 6 (each compiled ahead on a
-  # thread) give counts the axis may not divide, and the sharded run must still match one
-  # device.
-  kw = dict(experts=4, adaptive=1, steps=7)
-  single = run_worker(tmp_path, 'adaptive_single', **kw)
-  sharded = run_worker(tmp_path, 'adaptive_sharded', devices=8, data=2, expert=4, **kw)
-  assert list(sharded['experts_per_layer']) == list(single['experts_per_layer'])
-  assert list(single['experts_per_layer']) != [0, 4], 'the case should resize'
-  assert_same_training(sharded, single)
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(tmp_path):
-  steps = 20
-  single = run_worker(tmp_path, 'one_process', steps=steps, experts=4)
-  coordinator = f'127.0.0.1:{free_port()}'
-  out = tmp_path / 'two.npz'
-  procs = [subprocess.Popen(
-      [sys.executable, WORKER, str(out) if i == 0 else str(tmp_path / 'unused.npz'),
-       f'workdir={tmp_path / "two"}', f'steps={steps}', 'experts=4', f'coordinator={coordinator}',
-       'num_processes=2', f'process_id={i}'], cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-4000:]
-  two = dict(np.load(out))
-  assert int(two['devices']) == 2
-  np.testing.assert_allclose(two['losses'], single['losses'], atol=1e-4, rtol=1e-4)
-  np.testing.assert_allclose(two['eval_loss'], single['eval_loss'], atol=1e-4, rtol=1e-4)
+def test_constrain_is_the_identity_without_a_mesh():
+  x = jnp.ones((4, 2))
+  assert sharding.constrain(x, ('batch', None)) is x

@@ -10,6 +10,8 @@ import pytest
 from dynmoe_jax import plots, train
 from tests.conftest import load_config, run_main
 
+pytestmark = pytest.mark.slow  # end-to-end: trains models
+
 
 def metrics_rows(workdir, split='train'):
   return [r for r in plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
@@ -77,11 +79,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_config):
 
 def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_config):
   tiny_config.num_train_steps = 10
-  train.Trainer(tiny_config, str(tmp_path)).run()
+  first = train.Trainer(tiny_config, str(tmp_path)).run()
   before = (tmp_path / 'metrics.jsonl').read_text()
   result = train.Trainer(tiny_config, str(tmp_path)).run()
   assert result['step'] == 10
   assert (tmp_path / 'metrics.jsonl').read_text() == before
+  assert result['eval'] == first['eval'] and result['eval']['step'] == 10  # not {}
 
 
 def test_workdir_of_a_different_model_is_refused(tmp_path, tiny_config):
@@ -89,7 +92,7 @@ def test_workdir_of_a_different_model_is_refused(tmp_path, tiny_config):
   tiny_config.checkpoint_every = 5
   train.Trainer(tiny_config, str(tmp_path)).run()
   tiny_config.model.dim = 48
-  with pytest.raises(ValueError, match=r"different model \(fields differ: \['dim'\]\)"):
+  with pytest.raises(ValueError, match=r"different config \(fields differ: \['model.dim'\]\)"):
     train.Trainer(tiny_config, str(tmp_path)).run()
   tiny_config.model.dim = 32
   tiny_config.model.moe.num_experts = 3
@@ -126,3 +129,65 @@ def test_lm_config_trains(tmp_path):
   rows = metrics_rows(tmp_path)
   assert np.isfinite(result['eval']['bits_per_byte'])
   assert rows[-1]['loss'] < rows[0]['loss']
+
+
+def snapshot(directory):
+  """Every file under `directory` with its bytes: what must not change."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def test_a_changed_optimizer_is_refused_before_anything_is_written(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 10
+  train.Trainer(tiny_config, str(tmp_path)).run()
+  before = snapshot(tmp_path)
+  tiny_config.optimizer.grad_clip_norm = 0.0
+  tiny_config.num_train_steps = 15  # going on for longer is allowed; the optimizer is not
+  with pytest.raises(ValueError, match=r"fields differ: \['optimizer.grad_clip_norm'\]"):
+    train.Trainer(tiny_config, str(tmp_path)).run()
+  assert snapshot(tmp_path) == before
+  assert not (tmp_path / 'unreadable_checkpoints').exists()
+
+
+def test_another_model_in_the_workdir_is_refused_naming_the_leaf_field(tmp_path):
+  first = run_main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
+                    '--config.num_train_steps=5'])
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = snapshot(tmp_path)
+  proc = run_main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
+                   '--config.num_train_steps=5', '--config.model.moe.router=top_k'])
+  assert proc.returncode == 2
+  (line,) = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert "fields differ: ['model.moe.router']" in line and "run: 'top_any'" in line
+  assert snapshot(tmp_path) == before  # config.json, tensorboard: nothing written
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_refused_for_another_config(tmp_path,
+                                                                                 tiny_config):
+  (tmp_path / 'config.json').write_text(tiny_config.to_json_best_effort())
+  tiny_config.seed = 1
+  with pytest.raises(ValueError, match=r"fields differ: \['seed'\]"):
+    train.Trainer(tiny_config, str(tmp_path))
+
+
+def test_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tiny_config):
+  tiny_config.num_train_steps = 5
+  train.Trainer(tiny_config, str(tmp_path)).run()
+  figures = []
+  for eval_batch_size in (250, 96, 1000):  # 96 leaves a padded last batch
+    tiny_config.eval_batch_size = eval_batch_size
+    trainer = train.Trainer(tiny_config, str(tmp_path))
+    with jax.set_mesh(trainer.mesh):
+      state = trainer.restore_or_init()
+    figures.append(trainer.evaluate(state))
+    trainer.close()
+  for other in figures[1:]:
+    assert other.keys() == figures[0].keys()
+    for key, value in figures[0].items():
+      np.testing.assert_allclose(other[key], value, rtol=1e-5, err_msg=key)
+  assert {'moe/layer_1/expert_load', 'moe/layer_1/unrouted_fraction'} <= figures[0].keys()

@@ -31,7 +31,11 @@ Batch = Dict[str, np.ndarray]
 
 
 class DatasetNotFoundError(FileNotFoundError):
-  pass
+  """The dataset is not prepared (as array_record) in the data dir."""
+
+
+class SplitError(ValueError):
+  """The dataset is prepared, but not with the split or slice asked for."""
 
 
 def default_data_dir() -> str:
@@ -61,22 +65,27 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing or tfrecord-only dataset
-    if _is_prepared(name, data_dir):
-      raise ValueError(
+    if _is_prepared(name, data_dir, 'array_record'):
+      raise SplitError(
           f'split {split!r} does not fit tfds dataset {name!r} as prepared in {data_dir} '
           f'({type(e).__name__}: {e}); set data.train_split / data.eval_split to a split '
           f'(or slice) it has') from e
     raise DatasetNotFoundError(
-        f"tfds dataset {name!r} (split {split!r}) is not readable from {data_dir} as "
-        f"array_record ({type(e).__name__}: {e}). Prepare it once where it can be downloaded "
-        f"with `tfds build {name} --file_format=array_record --data_dir={data_dir}` (or "
-        f"builder.download_and_prepare(file_format='array_record')), then copy the directory "
-        f"here or pass --config.data.data_dir.") from e
+        f"tfds dataset {name!r} is not prepared as array_record in {data_dir} (nothing here "
+        f"downloads it). Prepare it once on a machine that can download it, with `tfds build "
+        f"{name} --file_format=array_record --data_dir=DIR`, copy DIR here, and pass "
+        f"--config.data.data_dir=DIR (or set TFDS_DATA_DIR).") from e
 
 
-def _is_prepared(name: str, data_dir: str) -> bool:
+def _is_prepared(name: str, data_dir: str, file_format: str) -> bool:
+  """Whether `name` has prepared files of `file_format` in data_dir (tfds's own
+  is_prepared() also says yes for an empty version directory)."""
   try:
-    return tfds.builder(name, data_dir=data_dir).is_prepared()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      return False
+    return any(file_format.replace('_', '') in f.name.replace('_', '')
+               for f in os.scandir(builder.data_dir) if f.is_file())
   except Exception:  # unknown name, unreadable metadata: not usable either way
     return False
 

@@ -8,13 +8,13 @@ give important tokens more experts.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import layers
+from dynmoe_jax import layers, names, routers
 
 STEMS = ('conv1d', 'patch', 'embed')
 TASKS = ('classify', 'lm')
@@ -100,7 +100,7 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, attention_mask, training: bool):
+  def __call__(self, x, attention_mask, training: bool, token_mask=None):
     h, probs = SelfAttention(self.num_heads, self.dropout, self.dtype, self.param_dtype,
                              name='attention')(layer_norm(self.dtype, 'ln_attention')(x),
                                                attention_mask, training)
@@ -110,9 +110,9 @@ class Block(nn.Module):
     if self.num_experts:
       moe = layers.MoE(num_experts=self.num_experts, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='moe', **dict(self.moe))
-      importance = (token_importance(probs, attention_mask) if moe.router == 'adaptive_k'
-                    else None)
-      h, aux = moe(h, training=training, token_importance=importance)
+      importance = (token_importance(probs, attention_mask)
+                    if routers.get(moe.router).needs_token_importance else None)
+      h, aux = moe(h, training=training, token_importance=importance, token_mask=token_mask)
     else:
       h = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, self.param_dtype, 'wi')(h)
       h = dense(x.shape[-1], ('mlp', 'embed'), self.dtype, self.param_dtype, 'wo')(nn.gelu(h))
@@ -178,7 +178,9 @@ class MoETransformer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs, training: bool = False):
+  def __call__(self, inputs, training: bool = False, example_mask=None):
+    """example_mask [B]: rows to count (eval padding rows are 0); their tokens are routed
+    nowhere, so they take no expert capacity and stay out of the MoE metrics."""
     if len(self.experts_per_layer) != self.num_layers:
       raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
                        f'{self.num_layers} layers')
@@ -202,12 +204,15 @@ class MoETransformer(nn.Module):
     attention_mask = key_mask[:, None, None, :]
     if self.task == 'lm':
       attention_mask = attention_mask & jnp.tril(jnp.ones((seq_len, seq_len), bool))
+    token_mask = None if example_mask is None else jnp.broadcast_to(
+        (example_mask > 0)[:, None], x.shape[:2])
     moe_aux: Dict[str, layers.MoEAux] = {}
     for i, num_experts in enumerate(self.experts_per_layer):
-      x, aux = Block(self.num_heads, self.mlp_dim, num_experts, self.moe, self.dropout,
-                     self.dtype, self.param_dtype, name=f'layer_{i}')(x, attention_mask, training)
+      block = Block(self.num_heads, self.mlp_dim, num_experts, self.moe, self.dropout,
+                    self.dtype, self.param_dtype, name=names.layer_name(i))
+      x, aux = block(x, attention_mask, training, token_mask)
       if aux is not None:
-        moe_aux[f'layer_{i}'] = aux
+        moe_aux[names.layer_name(i)] = aux
     x = layer_norm(self.dtype, 'ln_final')(x)
     if self.task == 'classify':
       if self.pool == 'cls':
@@ -253,5 +258,4 @@ def experts_per_layer(num_layers: int, moe_layers, num_experts) -> Tuple[int, ..
   return tuple(layout)
 
 
-def moe_layer_names(layout: Sequence[int]):
-  return [f'layer_{i}' for i, n in enumerate(layout) if n]
+moe_layer_names = names.moe_layer_names

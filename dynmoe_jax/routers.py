@@ -1,0 +1,248 @@
+"""The router registry: one `RouterSpec` per router name.
+
+A spec says everything the rest of the library needs to know about a router:
+the parameters it creates, how it routes, the most experts a token can take
+(bounds the sorted pair list), how many experts per token capacity is sized for,
+its auxiliary losses, which of its parameters are router parameters (non-finite
+report, adaptive resize), how a new expert's router parameters are initialised,
+and how its settings are validated. `layers.MoE`, `config_lib.validate`,
+`adaptive` and the trainer read the spec; none of them switches on a router name.
+Adding a router = a spec here, its routing function in `routing.py`, its tests.
+
+Spec functions take `settings`: the `layers.MoE` instance (or any object with the
+same attribute names, e.g. a config's `model.moe`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynmoe_jax import dispatch, losses, routing
+
+# name -> (weight, thunk computing the unweighted loss)
+LossTerms = Dict[str, Tuple[float, Callable[[], jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+  name: str
+  # (module, tokens [T, D], training, token_importance [T] or None)
+  #   -> (RouterOutput, logits [T, E] or None, router params dict)
+  route: Callable[..., Tuple[routing.RouterOutput, Optional[jax.Array], Dict[str, jax.Array]]]
+  # (settings, route, logits, router params) -> LossTerms
+  aux_losses: Callable[..., LossTerms]
+  # names of the parameters this router creates in the MoE module
+  router_params: Tuple[str, ...]
+  # settings -> most experts a token can be routed to (None = any number, up to E)
+  pairs_per_token: Callable[[Any], Optional[int]] = lambda s: None
+  # settings -> experts per token that capacity is sized for
+  expected_k: Callable[[Any], float] = lambda s: s.k if s.expected_k is None else s.expected_k
+  # (settings, num_tokens, num_experts) -> capacity; None = the capacity-factor rule
+  fixed_capacity: Optional[Callable[[Any, int, int], int]] = None
+  # (settings, num_experts) -> [(field, message)] for invalid settings
+  check: Callable[[Any, int], List[Tuple[str, str]]] = lambda s, e: []
+  needs_token_importance: bool = False
+  # (kept router params {name: array}, direction [D] unit vector, kept expert ids)
+  #   -> router params of one new expert, stacked on the expert axis
+  new_expert_params: Optional[Callable[..., Dict[str, np.ndarray]]] = None
+
+
+def _param(module: nn.Module, name, init, shape, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
+
+
+# ----------------------------------------------------------------------------- top-any
+
+
+def _route_top_any(module, tokens, training, token_importance):
+  del token_importance
+  num_experts, width = module.num_experts, tokens.shape[-1]
+  gate_embeddings = _param(module, 'gate_embeddings', nn.initializers.orthogonal(),
+                           (num_experts, width), ('expert', 'embed'))
+  thresholds = _param(module, 'thresholds', nn.initializers.zeros, (num_experts,), ('expert',))
+  out = routing.top_any(tokens, gate_embeddings, thresholds, scale=module.top_any_scale,
+                        training=training)
+  return out, None, {'gate_embeddings': gate_embeddings, 'thresholds': thresholds}
+
+
+def _losses_top_any(settings, route, logits, params) -> LossTerms:
+  del route, logits
+  gates = params['gate_embeddings']
+  return {'diversity': (settings.diversity_weight, lambda: losses.diversity(gates)),
+          'simplicity': (settings.simplicity_weight, lambda: losses.simplicity(gates))}
+
+
+def _new_top_any(kept, direction, keep):
+  del keep
+  return {'gate_embeddings': direction[None, :].astype(kept['gate_embeddings'].dtype),
+          'thresholds': np.zeros((1,), kept['thresholds'].dtype)}
+
+
+# ----------------------------------------------------------------------------- logit routers
+
+
+def _logits(module, tokens):
+  kernel = _param(module, 'router_kernel', module.router_init, (tokens.shape[-1],
+                                                                module.num_experts),
+                  ('embed', 'expert'))
+  return routing.upcast(tokens) @ routing.upcast(kernel), {'router_kernel': kernel}
+
+
+def _new_logit_router(kept, direction, keep):
+  kernel = kept['router_kernel']  # [D, E]
+  scale = float(np.mean(np.linalg.norm(kernel[:, list(keep)], axis=0))) if keep else 1.0
+  return {'router_kernel': (direction * scale)[:, None].astype(kernel.dtype)}
+
+
+def _balance_and_z(settings, route, logits) -> LossTerms:
+  return {'load_balance': (settings.load_balance_weight,
+                           lambda: losses.load_balance(route.scores, route.mask)),
+          'z_loss': (settings.z_loss_weight, lambda: losses.z_loss(logits))}
+
+
+def _route_top_k(module, tokens, training, token_importance):
+  del training, token_importance
+  logits, params = _logits(module, tokens)
+  return routing.top_k(logits, module.k, normalize=module.normalize_top_k), logits, params
+
+
+def _route_top_p(module, tokens, training, token_importance):
+  del training, token_importance
+  logits, params = _logits(module, tokens)
+  return routing.top_p(logits, module.p, module.max_k), logits, params
+
+
+def _losses_top_p(settings, route, logits, params) -> LossTerms:
+  del params
+  return {**_balance_and_z(settings, route, logits),
+          'entropy': (settings.entropy_weight, lambda: losses.router_entropy(route.scores))}
+
+
+def _adaptive_max_k(settings) -> int:
+  return settings.max_k if settings.max_k is not None else settings.k
+
+
+def _route_adaptive_k(module, tokens, training, token_importance):
+  del training
+  if token_importance is None:
+    raise ValueError("MoE(router='adaptive_k') needs token_importance (from attention)")
+  logits, params = _logits(module, tokens)
+  max_k = _adaptive_max_k(module)
+  k_per_token = routing.importance_to_k(token_importance, max_k)
+  return routing.adaptive_k(logits, k_per_token.reshape(tokens.shape[0]), max_k), logits, params
+
+
+def _route_expert_choice(module, tokens, training, token_importance):
+  del training, token_importance
+  logits, params = _logits(module, tokens)
+  capacity = routing.expert_choice_capacity(tokens.shape[0], module.num_experts, module.k)
+  return routing.expert_choice(logits, capacity), logits, params
+
+
+def _k_within(k, num_experts, what=''):
+  if k < 1:
+    return [('k', f'{what}must be >= 1')]
+  if k > num_experts:
+    return [('k', f'{what}must be <= the {num_experts} experts')]
+  return []
+
+
+def _check_k_within(settings, num_experts):
+  return _k_within(settings.k, num_experts)
+
+
+def _check_adaptive_k(settings, num_experts):
+  if settings.max_k is not None:
+    return []
+  return _k_within(settings.k, num_experts, '(the max_k of adaptive_k while max_k is unset) ')
+
+
+_LOGIT_ROUTER = dict(router_params=('router_kernel',), new_expert_params=_new_logit_router)
+
+REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
+    RouterSpec('top_any', _route_top_any, _losses_top_any,
+               router_params=('gate_embeddings', 'thresholds'),
+               new_expert_params=_new_top_any),
+    RouterSpec('top_k', _route_top_k,
+               lambda s, r, logits, p: _balance_and_z(s, r, logits),
+               pairs_per_token=lambda s: s.k, check=_check_k_within, **_LOGIT_ROUTER),
+    RouterSpec('top_p', _route_top_p, _losses_top_p, pairs_per_token=lambda s: s.max_k,
+               **_LOGIT_ROUTER),
+    RouterSpec('adaptive_k', _route_adaptive_k,
+               lambda s, r, logits, p: _balance_and_z(s, r, logits),
+               pairs_per_token=_adaptive_max_k,
+               expected_k=lambda s: (_adaptive_max_k(s) if s.expected_k is None
+                                     else s.expected_k),
+               check=_check_adaptive_k, needs_token_importance=True, **_LOGIT_ROUTER),
+    # Each expert picks exactly its capacity of tokens: nothing is ever dropped, and the
+    # only loss is the z-loss (balance holds by construction).
+    RouterSpec('expert_choice', _route_expert_choice,
+               lambda s, r, logits, p: {'z_loss': (s.z_loss_weight,
+                                                   lambda: losses.z_loss(logits))},
+               fixed_capacity=lambda s, t, e: routing.expert_choice_capacity(t, e, s.k),
+               check=_check_k_within, **_LOGIT_ROUTER),
+)}
+NAMES = tuple(REGISTRY)
+# Every parameter name any router creates: the rest of an MoE module is its experts.
+ALL_ROUTER_PARAMS = tuple(sorted({p for spec in REGISTRY.values() for p in spec.router_params}))
+
+
+def get(name: str) -> RouterSpec:
+  if name not in REGISTRY:
+    raise ValueError(f'router={name!r} is not one of {NAMES}')
+  return REGISTRY[name]
+
+
+def capacity(settings, num_tokens: int, num_experts: int, training: bool) -> int:
+  """Slots per expert for `num_tokens` tokens, as the router's capacity rule says."""
+  spec = get(settings.router)
+  if spec.fixed_capacity is not None:
+    return spec.fixed_capacity(settings, num_tokens, num_experts)
+  factor = settings.capacity_factor if training else settings.eval_capacity_factor
+  return dispatch.expert_capacity(num_tokens, num_experts, factor, spec.expected_k(settings),
+                                  settings.capacity_multiple_of)
+
+
+def check(settings, num_experts: int) -> List[Tuple[str, str]]:
+  """(field, message) for each setting that does not fit a layer of `num_experts`."""
+  problems = list(get(settings.router).check(settings, num_experts))
+  if settings.max_k is not None and not 1 <= settings.max_k <= num_experts:
+    problems.append(('max_k', f'must be in [1, {num_experts}]'))
+  return problems
+
+
+def aux_loss(settings, route, logits, params) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Weighted sum of the router's auxiliary losses and each unweighted term; a term
+  whose weight is 0 is not computed."""
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for name, (weight, loss_fn) in get(settings.router).aux_losses(
+      settings, route, logits, params).items():
+    if weight:
+      value = loss_fn()
+      metrics[name] = value
+      total = total + weight * value
+  return total, metrics
+
+
+def is_router_param(name: str) -> bool:
+  return name in ALL_ROUTER_PARAMS
+
+
+def expected_slots_per_token(settings) -> float:
+  """Experts per token that capacity is sized for (for reports)."""
+  return float(get(settings.router).expected_k(settings))
+
+
+def new_expert_router_params(router: str, kept: Mapping[str, np.ndarray],
+                             direction: np.ndarray, keep) -> Dict[str, np.ndarray]:
+  spec = get(router)
+  if spec.new_expert_params is None:
+    raise ValueError(f'router {router!r} cannot add experts')
+  return spec.new_expert_params(kept, direction, keep)
+

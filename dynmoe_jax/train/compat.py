@@ -1,0 +1,99 @@
+"""Whether a workdir's run can be resumed with a config, decided before anything in
+the workdir is written, moved or deleted.
+
+A run is its config. A resumed run may change only the fields that decide how long
+it goes on and how it reports or runs (RESUMABLE_FIELDS); any other difference
+means another run, and the trainer stops with one line naming the fields. A
+checkpoint that cannot be restored because the config changed is therefore never
+mistaken for a corrupt one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from dynmoe_jax import checkpointing
+
+# Dotted config fields (or prefixes ending in '.') a resumed run may change.
+RESUMABLE_FIELDS = (
+    'num_train_steps',            # go on for longer
+    'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'progress_bar',
+    'eval_batch_size', 'dropped_fraction_warning', 'skip_nonfinite_updates',
+    'data.data_dir', 'data.eval_split',
+    'mesh.',                      # another device count or mesh: shardings are rebuilt
+    'model.moe.dispatch_impl',    # same parameters, another way to run them
+    'model.moe.num_experts', 'model.moe.num_experts_per_layer',  # the layout: checked apart
+    'adaptive.compile_lead_steps',
+)
+
+
+class RunMismatchError(checkpointing.ModelMismatchError):
+  """The workdir holds a run of another config."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _resumable(field: str) -> bool:
+  return any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_FIELDS)
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]
+                ) -> List[Tuple[str, Any, Any]]:
+  """(field, saved value, current value) for each leaf that differs and may not."""
+  a, b = flatten(saved), flatten(current)
+  return [(k, a.get(k, '<absent>'), b.get(k, '<absent>'))
+          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _resumable(k)]
+
+
+def config_json(config) -> Dict[str, Any]:
+  """The config as its saved JSON reads back (tuples as lists, and so on)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def mismatch_message(workdir: str, diffs: List[Tuple[str, Any, Any]]) -> str:
+  fields = ', '.join(f'{k} (run: {a!r}, now: {b!r})' for k, a, b in diffs)
+  return (f'{workdir} holds a run of a different config (fields differ: '
+          f'{[k for k, _, _ in diffs]}): {fields}. Nothing was changed. To go on with that '
+          f'run, pass its values; to start another run, use a new --workdir.')
+
+
+def check(saved_config: Optional[Mapping[str, Any]], config, workdir: str):
+  if saved_config is None:
+    return
+  diffs = differences(saved_config, config_json(config))
+  if diffs:
+    raise RunMismatchError(mismatch_message(workdir, diffs))
+
+
+def _step_dirs(checkpoint_dir: str) -> List[int]:
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted((int(d) for d in os.listdir(checkpoint_dir) if d.isdigit()), reverse=True)
+
+
+def saved_config(workdir: str) -> Optional[Dict[str, Any]]:
+  """The config of the run in `workdir`: from its newest checkpoint whose meta reads,
+  else from its config.json; None for a new workdir. Reads only."""
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  for step in _step_dirs(checkpoint_dir):
+    try:
+      with open(os.path.join(checkpoint_dir, str(step), 'meta', 'metadata')) as f:
+        meta = json.load(f)
+      if 'config' in meta:
+        return meta['config']
+    except (OSError, ValueError):
+      continue  # unreadable: restore will set it aside and fall back
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None

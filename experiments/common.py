@@ -1,0 +1,136 @@
+"""What every experiment script shares: loading configs, dotted overrides, run
+summaries from a workdir, side-by-side step timing, and restoring a finished run
+for analysis through the trainer's public API.
+
+Scripts run as `python experiments/<name>.py`; Python puts this directory first on
+sys.path, so `import common` finds this file and nothing edits sys.path.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dynmoe_jax import config_lib, names, plots, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, *args):
+  """`get_config(*args)` of configs/<name>.py (or of a path), as --config loads it."""
+  path = name if name.endswith('.py') else os.path.join(ROOT, 'configs', f'{name}.py')
+  return config_lib.load_config_file(path, *args)
+
+
+set_field = config_lib.set_field
+
+
+def apply_overrides(config, overrides: Mapping[str, Any]):
+  for dotted, value in overrides.items():
+    set_field(config, dotted, value)
+  return config
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def run_summary(workdir: str) -> Dict[str, Any]:
+  """The final eval row of a finished run, its MoE layers' eval figures, the expert
+  counts it ended with and its training-time drops (mean of the last fifth of rows)."""
+  rows = plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  train_rows = [r for r in rows if r['split'] == 'train']
+  final_eval = [r for r in rows if r['split'] == 'eval'][-1]
+  layers = names.moe_layers_in([final_eval])
+  last_fifth = train_rows[-max(1, len(train_rows) // 5):]
+  metric = 'accuracy' if 'accuracy' in final_eval else 'bits_per_byte'
+  active = {l: final_eval[names.metric_key(l, 'active_experts')] for l in layers}
+  key = lambda layer, name: names.metric_key(layer, name)
+  return {
+      'metric': metric, 'value': final_eval[metric], 'eval_loss': final_eval['loss'],
+      'active_experts': active,
+      'mean_active_experts': float(np.mean(list(active.values()))) if active else None,
+      'final_experts': {l: len(train_rows[-1][key(l, 'expert_load')]) for l in layers},
+      'train_dropped_fraction': {l: float(np.mean([r[key(l, 'dropped_fraction')]
+                                                   for r in last_fifth])) for l in layers},
+      'eval_dropped_fraction': {l: final_eval[key(l, 'dropped_fraction')] for l in layers},
+      'adaptations': plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl')),
+  }
+
+
+def mean_std(values):
+  """(mean, sample std) of the values that are not None; (None, None) if none are."""
+  values = np.asarray([v for v in values if v is not None], np.float64)
+  if not values.size:
+    return None, None
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------- restoring
+
+
+@contextlib.contextmanager
+def mesh_of(trainer: train.Trainer) -> Iterator[None]:
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    yield
+
+
+def restored(config, workdir: str):
+  """(trainer, train state) of a run's newest checkpoint (a fresh state if it has none);
+  nothing is written to the workdir. `trainer.compiled` holds the model and steps."""
+  trainer = train.Trainer(config, workdir)
+  with mesh_of(trainer):
+    state = trainer.restore_or_init()
+  trainer.close()
+  return trainer, state
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved_seconds(steppers: Mapping[str, Callable[[], Any]], rounds: int
+                        ) -> Dict[str, float]:
+  """Median seconds of each stepper (a callable that runs its work and blocks until it
+  is done), timed in `rounds` rounds that visit every stepper in turn, so that machine
+  load affects each alike. A first, untimed round warms up."""
+  seconds: Dict[str, List[float]] = {name: [] for name in steppers}
+  for round_index in range(rounds + 1):
+    for name, run in steppers.items():
+      start = time.perf_counter()
+      run()
+      if round_index:
+        seconds[name].append(time.perf_counter() - start)
+  return {name: float(np.median(s)) for name, s in seconds.items()}
+
+
+def train_stepper(trainer: train.Trainer, state, steps: int, batch_step: int = 0
+                  ) -> Callable[[], None]:
+  """A stepper for `interleaved_seconds`: `steps` train steps of the trainer's compiled
+  step on one batch, carrying the state from call to call."""
+  batch = trainer.device_batch(trainer.stream.batch(batch_step))
+  holder = [state]
+
+  def run():
+    with mesh_of(trainer):
+      state, metrics = holder[0], None
+      for _ in range(steps):
+        state, metrics, _ = trainer.compiled.train_step(state, batch)
+      jax.block_until_ready((state, metrics))
+      holder[0] = state
+  return run
+
+
+def steps_per_second(seconds: Mapping[str, float], steps: int) -> Dict[str, float]:
+  return {name: steps / s for name, s in seconds.items()}
+
+
+def save_json(path: str, data: Any):
+  import json
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(data, f, indent=1, default=float)
+

@@ -1,0 +1,79 @@
+"""dynmoe_jax.routers: the registry is the only place that knows router names."""
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynmoe_jax import layers, routers
+from tests.conftest import ROOT
+
+E, D, F = 4, 8, 16
+
+
+def test_every_router_creates_exactly_its_router_params():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, D))
+  for name, spec in routers.REGISTRY.items():
+    moe = layers.MoE(num_experts=E, hidden_dim=F, router=name)
+    importance = jnp.ones((2, 5)) if spec.needs_token_importance else None
+    params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
+                           ['params'])
+    assert set(params) == set(spec.router_params) | {'wi', 'wo'}, name
+    assert all(routers.is_router_param(p) for p in spec.router_params)
+
+
+def test_capacity_rules():
+  settings = lambda **kw: layers.MoE(num_experts=E, hidden_dim=F, **kw)
+  # expert choice: each expert takes ceil(k * T / E) tokens, whatever the capacity factor
+  assert routers.capacity(settings(router='expert_choice', k=2), 64, E, True) == 32
+  # dynamic routers size for expected_k, defaulting to k (DA-MoE: its max_k)
+  base = routers.capacity(settings(router='top_any', k=2), 64, E, True)
+  assert routers.capacity(settings(router='top_any', k=2, expected_k=1.0), 64, E, True) < base
+  assert routers.capacity(settings(router='adaptive_k', k=2, max_k=4), 64, E, True) == \
+      routers.capacity(settings(router='top_any', k=4), 64, E, True)
+  assert routers.get('top_k').pairs_per_token(settings(router='top_k', k=3)) == 3
+  assert routers.get('top_any').pairs_per_token(settings()) is None
+
+
+def test_checks_name_the_field():
+  s = layers.MoE(num_experts=E, hidden_dim=F, router='top_k', k=9, max_k=7)
+  assert routers.check(s, E) == [('k', 'must be <= the 4 experts'), ('max_k', 'must be in [1, 4]')]
+  assert routers.check(layers.MoE(num_experts=E, hidden_dim=F, router='top_any', k=9), E) == []
+  with pytest.raises(ValueError, match="router='top_q' is not one of"):
+    routers.get('top_q')
+
+
+@pytest.mark.parametrize('router', ['top_any', 'top_k'])
+def test_new_expert_router_params_point_at_the_direction(router):
+  rng = np.random.RandomState(0)
+  direction = rng.randn(D)
+  direction /= np.linalg.norm(direction)
+  kept = ({'gate_embeddings': rng.randn(E, D).astype(np.float32),
+           'thresholds': np.zeros(E, np.float32)} if router == 'top_any'
+          else {'router_kernel': rng.randn(D, E).astype(np.float32)})
+  new = routers.new_expert_router_params(router, kept, direction, (0, 1))
+  vector = new['gate_embeddings'][0] if router == 'top_any' else new['router_kernel'][:, 0]
+  np.testing.assert_allclose(vector / np.linalg.norm(vector), direction, rtol=1e-5)
+  for k, v in new.items():
+    assert v.dtype == kept[k].dtype
+
+
+ROUTER_NAME = re.compile(r"""(==|!=|\bin\s*\(|\bin\s*\[)[^\n]*'(top_any|top_k|top_p|adaptive_k|"""
+                         r"""expert_choice)'""")
+
+
+def test_no_module_outside_the_registry_switches_on_a_router_name():
+  package = os.path.join(ROOT, 'dynmoe_jax')
+  offenders = []
+  for root, _, files in os.walk(package):
+    for name in files:
+      path = os.path.join(root, name)
+      if not name.endswith('.py') or path.endswith(os.path.join('dynmoe_jax', 'routers.py')):
+        continue
+      for number, line in enumerate(open(path), 1):
+        if ROUTER_NAME.search(line) or re.search(r"\brouter\s*(==|!=)", line):
+          offenders.append(f'{os.path.relpath(path, ROOT)}:{number}: {line.strip()}')
+  assert not offenders, '\n'.join(offenders)
