@@ -144,7 +144,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if moe.expected_k is not None:
     positive_float('model.moe.expected_k', moe.expected_k)
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',
-               'z_loss_weight', 'entropy_weight'):
+               'efficiency_weight', 'z_loss_weight', 'entropy_weight'):
     if moe[name] < 0:
       _fail(f'model.moe.{name}', moe[name], 'must be >= 0')
   layout = experts_layout(config)

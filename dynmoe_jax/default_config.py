@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.top_any_scale = 1.0
   c.model.moe.diversity_weight = 0.01
   c.model.moe.simplicity_weight = 0.01
-  c.model.moe.load_balance_weight = 0.01
+  c.model.moe.load_balance_weight = 0.01  # top-any too: over tokens with an expert
+  c.model.moe.efficiency_weight = 0.01    # top-any: mean K / E (the reference's 2025 term)
   c.model.moe.z_loss_weight = 1e-3
   c.model.moe.entropy_weight = 1e-4
 

@@ -77,6 +77,9 @@ class MoE(nn.Module):
     normalize_top_k: renormalise top-k weights to sum to 1.
     top_any_scale: temperature of top-any's cosine scores.
     *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
+      Top-any: diversity, simplicity, load_balance (over tokens with an expert) and
+      efficiency (mean K / E), the reference's four terms; the others: load_balance,
+      z_loss (and entropy for top-p). See `routers.REGISTRY`.
   The defaults are those of `default_config.base_config().model.moe`.
   """
   num_experts: int
@@ -100,6 +103,7 @@ class MoE(nn.Module):
   diversity_weight: float = 0.01
   simplicity_weight: float = 0.01
   load_balance_weight: float = 0.01
+  efficiency_weight: float = 0.01
   z_loss_weight: float = 1e-3
   entropy_weight: float = 1e-4
   kernel_init: Callable[..., jax.Array] = stacked_kernel_init()

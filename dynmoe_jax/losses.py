@@ -9,7 +9,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax.routing import upcast
+from dynmoe_jax.routing import normalize, upcast
 
 _EPS = 1e-6
 
@@ -21,13 +21,19 @@ def diversity(gate_embeddings: jax.Array, expert_mask: Optional[jax.Array] = Non
   loss is zero exactly when the gate embeddings are orthonormal directions.
   `expert_mask` bool[E] restricts it to the experts in use.
   """
-  w = upcast(gate_embeddings)
-  w = w / (jnp.linalg.norm(w, axis=-1, keepdims=True) + _EPS)
+  w = normalize(upcast(gate_embeddings))
   gram = w @ w.T - jnp.eye(w.shape[0], dtype=w.dtype)
   if expert_mask is not None:
     pair = expert_mask[:, None] & expert_mask[None, :]
     gram = jnp.where(pair, gram, 0.0)
-  return jnp.sqrt(jnp.sum(gram**2) + _EPS)
+  return _safe_norm(gram)
+
+
+def _safe_norm(x: jax.Array) -> jax.Array:
+  """||x||_F: exactly 0 at x = 0, with gradient 0 there (not NaN)."""
+  squared = jnp.sum(x**2)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
 def simplicity(gate_embeddings: jax.Array) -> jax.Array:
@@ -47,6 +53,33 @@ def load_balance(probs: jax.Array, mask: jax.Array) -> jax.Array:
   fraction = routed.sum(axis=0) / jnp.maximum(routed.sum(), 1.0)
   mean_prob = probs.mean(axis=0)
   return num_experts * jnp.sum(fraction * mean_prob)
+
+
+def top_any_load_balance(gates: jax.Array, mask: jax.Array) -> jax.Array:
+  """DynMoE's load balance (reference DeepSpeed variant, 2025): over the tokens that
+  activated at least one expert, gates normalised per token (each active expert 1/K_t,
+  differentiated through the normalisation), me_e = their mean normalised gate of e,
+  ce_e = their mean mask of e; E² · mean_e(me_e · ce_e). 1 when balanced; 0 when no
+  token activated an expert.
+
+  gates: float[T, E] straight-through gate values (RouterOutput.gates); mask: bool[T, E].
+  """
+  gates = upcast(gates)
+  num_experts = gates.shape[-1]
+  total = gates.sum(axis=-1, keepdims=True)
+  routed = total[:, 0] > 0
+  normalized = gates / jnp.where(total > 0, total, 1.0)
+  count = jnp.maximum(routed.sum(), 1).astype(gates.dtype)
+  me = jnp.where(routed[:, None], normalized, 0.0).sum(axis=0) / count
+  ce = jnp.where(routed[:, None], mask, False).astype(gates.dtype).sum(axis=0) / count
+  return num_experts * num_experts * jnp.mean(me * ce)
+
+
+def efficiency(gates: jax.Array) -> jax.Array:
+  """DynMoE's efficiency loss (reference, 2025): mean over tokens and experts of the
+  straight-through gates = mean K / E. Its gradient, through the straight-through
+  estimator, raises thresholds and turns gate embeddings away from the tokens."""
+  return jnp.mean(upcast(gates))
 
 
 def z_loss(logits: jax.Array) -> jax.Array:

@@ -71,10 +71,15 @@ def _route_top_any(module, tokens, training, token_importance):
 
 
 def _losses_top_any(settings, route, logits, params) -> LossTerms:
-  del route, logits
-  gates = params['gate_embeddings']
-  return {'diversity': (settings.diversity_weight, lambda: losses.diversity(gates)),
-          'simplicity': (settings.simplicity_weight, lambda: losses.simplicity(gates))}
+  """The reference's four terms (DeepSpeed variant, 2025); at equal weights c the sum is
+  c × its l_aux."""
+  del logits
+  embeddings = params['gate_embeddings']
+  return {'diversity': (settings.diversity_weight, lambda: losses.diversity(embeddings)),
+          'simplicity': (settings.simplicity_weight, lambda: losses.simplicity(embeddings)),
+          'load_balance': (settings.load_balance_weight,
+                           lambda: losses.top_any_load_balance(route.gates, route.mask)),
+          'efficiency': (settings.efficiency_weight, lambda: losses.efficiency(route.gates))}
 
 
 def _new_top_any(kept, direction, keep):

@@ -28,11 +28,15 @@ class RouterOutput:
     scores: float[T, E], the router's per-pair confidence (softmax probability,
       or sigmoid cosine score for top-any). Used as dispatch priority and by losses.
     num_active: int32[T], experts each token is routed to (before capacity drops).
+    gates: float[T, E] or None. Top-any: the straight-through gate values (forward 1
+      where active, 0 elsewhere; backward the gradient of relu(s - t)), which its
+      load-balance and efficiency losses act on. None for the other routers.
   """
   mask: jax.Array
   weights: jax.Array
   scores: jax.Array
   num_active: jax.Array
+  gates: Optional[jax.Array] = None
 
 
 def upcast(x: jax.Array) -> jax.Array:
@@ -46,16 +50,24 @@ def _check_logits(logits: jax.Array) -> jax.Array:
   return upcast(logits)
 
 
-def _output(mask: jax.Array, weights: jax.Array, scores: jax.Array) -> RouterOutput:
+def _output(mask: jax.Array, weights: jax.Array, scores: jax.Array,
+            gates: Optional[jax.Array] = None) -> RouterOutput:
   weights = jnp.where(mask, weights, 0.0)
   return RouterOutput(mask=mask, weights=weights, scores=scores,
-                      num_active=mask.sum(axis=-1, dtype=jnp.int32))
+                      num_active=mask.sum(axis=-1, dtype=jnp.int32), gates=gates)
+
+
+def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / max(||x||, 1e-12), as torch.nn.functional.normalize (the reference) does: exact
+  for any norm above 1e-12, where `x / (||x|| + eps)` is not."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 def mask_tokens(route: RouterOutput, valid: jax.Array) -> RouterOutput:
   """The same routing with tokens where `valid` bool[T] is False routed nowhere."""
   mask = route.mask & valid[:, None]
-  return _output(mask, route.weights, route.scores)
+  gates = None if route.gates is None else jnp.where(valid[:, None], route.gates, 0.0)
+  return _output(mask, route.weights, route.scores, gates)
 
 
 def _mask_from_indices(indices: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
@@ -117,11 +129,7 @@ def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOut
 
 def cosine_similarity(tokens: jax.Array, gate_embeddings: jax.Array) -> jax.Array:
   """[T, D] x [E, D] -> [T, E] cosine similarities, in float32."""
-  tokens = upcast(tokens)
-  gate_embeddings = upcast(gate_embeddings)
-  tokens_n = tokens / (jnp.linalg.norm(tokens, axis=-1, keepdims=True) + _EPS)
-  gates_n = gate_embeddings / (jnp.linalg.norm(gate_embeddings, axis=-1, keepdims=True) + _EPS)
-  return tokens_n @ gates_n.T
+  return normalize(upcast(tokens)) @ normalize(upcast(gate_embeddings)).T
 
 
 def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array, *,
@@ -131,7 +139,8 @@ def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array
   s = sigmoid(scale * cos(x_t, W_e)), t_e = sigmoid(scale * G_e); expert e is
   active for token t iff s > t_e. The gate value relu(s - t) goes through a
   straight-through sign: forward 1 where active, backward d relu(s - t). Combine
-  weights are uniform over the K_t active experts (gate / max(K_t, 1)).
+  weights are uniform over the K_t active experts (gate / max(K_t, 1)), with K_t a
+  constant for the gradient, as in the reference's DeepSpeed variant.
 
   In training a token may activate no expert: it gets zero MoE output (the
   residual carries it) and `num_active == 0` records it. In evaluation such a
@@ -163,7 +172,7 @@ def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array
     unrouted = num_active == 0
     mask = jnp.where(unrouted, fallback, mask)
     weights = jnp.where(unrouted, fallback.astype(weights.dtype), weights)
-  return _output(mask, weights, scores)
+  return _output(mask, weights, scores, gate_st)
 
 
 def importance_to_k(importance: jax.Array, max_k: int) -> jax.Array:

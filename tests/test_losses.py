@@ -1,4 +1,5 @@
 """Auxiliary losses on hand-built inputs with their values written out."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,3 +43,74 @@ def test_losses_are_differentiable_and_finite():
   w = jax.random.normal(jax.random.PRNGKey(0), (6, 16))
   grads = jax.grad(lambda w: losses.diversity(w) + losses.simplicity(w))(w)
   assert bool(jnp.all(jnp.isfinite(grads))) and float(jnp.abs(grads).sum()) > 0
+
+
+def reference_l_aux(tokens, gate_embeddings, thresholds):
+  """numpy port of the reference's topanygating_opt l_aux (LINs-lab/DynMoE, DeepSpeed
+  variant, Jan 2025) with every expert enabled and temperature 1: diversity + simplicity
+  of the [D, E] similarity matrix + load balance + efficiency of the {0, 1} gates."""
+  normalize = lambda x, axis: x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True),
+                                             1e-12)
+  sim = gate_embeddings.T  # [D, E]
+  scores = 1 / (1 + np.exp(-(normalize(tokens, 1) @ normalize(sim, 0))))
+  gates = np.sign(np.maximum(scores - 1 / (1 + np.exp(-thresholds)), 0))
+  num_experts = gates.shape[1]
+  sims = normalize(sim, 0).T @ normalize(sim, 0)
+  diversity = np.linalg.norm(sims - np.eye(num_experts))
+  simplicity = np.mean(np.linalg.norm(sim, axis=0))
+  nonzero = gates.sum(1) > 0
+  normalized = gates[nonzero] / gates[nonzero].sum(1, keepdims=True)
+  me, ce = normalized.mean(0), (gates[nonzero] > 0).mean(0)
+  load_balance = np.mean(me * ce) * num_experts**2
+  efficiency = gates.mean()
+  return diversity + simplicity + load_balance + efficiency, gates
+
+
+def test_top_any_aux_loss_is_c_times_the_reference_l_aux():
+  from dynmoe_jax import layers
+  rng = np.random.RandomState(0)
+  T, D, E, c = 64, 16, 6, 0.01
+  tokens = rng.randn(T, D).astype(np.float32)
+  gate_embeddings = rng.randn(E, D).astype(np.float32) * rng.uniform(0.5, 2, (E, 1))
+  thresholds = rng.uniform(-0.2, 0.6, E).astype(np.float32)
+  want, gates = reference_l_aux(tokens.astype(np.float64), gate_embeddings.astype(np.float64),
+                                thresholds.astype(np.float64))
+  assert 0 < (gates.sum(1) == 0).sum() < T  # tokens with no expert are excluded from balance
+  moe = layers.MoE(num_experts=E, hidden_dim=8, router='top_any', diversity_weight=c,
+                   simplicity_weight=c, load_balance_weight=c, efficiency_weight=c,
+                   capacity_factor=8.0)
+  params = nn.meta.unbox(moe.init(jax.random.PRNGKey(0), tokens)['params'])
+  params = {**params, 'gate_embeddings': jnp.asarray(gate_embeddings),
+            'thresholds': jnp.asarray(thresholds)}
+  _, aux = moe.apply({'params': params}, tokens, training=True)
+  assert float(aux.loss) == pytest.approx(c * want, rel=1e-5, abs=1e-7)
+
+
+def test_diversity_is_exactly_zero_at_orthonormal_embeddings_with_a_finite_gradient():
+  w = jnp.asarray(np.linalg.qr(np.random.RandomState(1).randn(8, 8))[0][:4])  # orthonormal rows
+  assert float(losses.diversity(w)) < 1e-6
+  assert float(losses.diversity(jnp.eye(4, 8))) == 0.0
+  grad = jax.grad(losses.diversity)(jnp.eye(4, 8))
+  assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_cosine_scores_do_not_move_when_an_embedding_shrinks():
+  from dynmoe_jax import routing
+  rng = np.random.RandomState(2)
+  tokens, gates = jnp.asarray(rng.randn(5, 8)), jnp.asarray(rng.randn(3, 8))
+  np.testing.assert_allclose(routing.cosine_similarity(tokens, gates * 1e-4),
+                             routing.cosine_similarity(tokens, gates), rtol=1e-6, atol=1e-7)
+
+
+def test_efficiency_gradient_raises_thresholds():
+  from dynmoe_jax import routing
+  rng = np.random.RandomState(3)
+  tokens, gates = jnp.asarray(rng.randn(32, 8)), jnp.asarray(rng.randn(4, 8))
+
+  def loss(thresholds):
+    out = routing.top_any(tokens, gates, thresholds, training=True)
+    return losses.efficiency(out.gates)
+  grad = jax.grad(loss)(jnp.zeros(4))
+  assert bool(jnp.all(grad < 0))  # gradient descent raises every threshold: fewer experts
+  assert float(loss(jnp.zeros(4))) == pytest.approx(
+      float(routing.top_any(tokens, gates, jnp.zeros(4)).num_active.mean()) / 4)
