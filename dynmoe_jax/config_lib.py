@@ -143,6 +143,8 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.moe.p', moe.p, 'must be in (0, 1]')
   if moe.expected_k is not None:
     positive_float('model.moe.expected_k', moe.expected_k)
+  if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
+    _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',
                'efficiency_weight', 'z_loss_weight', 'entropy_weight'):
     if moe[name] < 0:

@@ -76,6 +76,9 @@ class MoE(nn.Module):
     param_dtype: parameter dtype.
     normalize_top_k: renormalise top-k weights to sum to 1.
     top_any_scale: temperature of top-any's cosine scores.
+    target_experts_per_token: a compute budget (routers whose spec has a budget_loss):
+      capacity is sized for it, and the trainer adapts that loss's weight every step
+      (multiplied or divided by budget_rate) so the mean experts per token meets it.
     *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
       Top-any: diversity, simplicity, load_balance (over tokens with an expert) and
       efficiency (mean K / E), the reference's four terms; the others: load_balance,
@@ -105,6 +108,8 @@ class MoE(nn.Module):
   load_balance_weight: float = 0.01
   efficiency_weight: float = 0.01
   z_loss_weight: float = 1e-3
+  target_experts_per_token: Optional[float] = None
+  budget_rate: float = 1.05
   entropy_weight: float = 1e-4
   kernel_init: Callable[..., jax.Array] = stacked_kernel_init()
   router_init: Callable[..., jax.Array] = nn.initializers.normal(0.02)
@@ -161,12 +166,15 @@ class MoE(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, training: bool = False,
                token_importance: Optional[jax.Array] = None,
-               token_mask: Optional[jax.Array] = None):
+               token_mask: Optional[jax.Array] = None,
+               loss_weights: Optional[Dict[str, jax.Array]] = None):
     """x [..., D] -> (y [..., D], MoEAux).
 
     token_importance [...]: for routers that need it ('adaptive_k').
     token_mask bool[...]: tokens to route; the others (e.g. padding rows of an eval
       batch) get no expert, take no capacity and are left out of every metric.
+    loss_weights: traced weights that replace the named auxiliary loss weights (the
+      budget controller's).
     """
     self._validate()
     self._check_width(x.shape[-1])
@@ -195,7 +203,7 @@ class MoE(nn.Module):
     computed = experts.PATHS[impl](routed, ffn)
     y = computed.output
 
-    aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params)
+    aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params, loss_weights)
     routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
     unrouted = route.num_active == 0
     if valid is not None:

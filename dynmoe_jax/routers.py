@@ -50,6 +50,9 @@ class RouterSpec:
   # (kept router params {name: array}, direction [D] unit vector, kept expert ids)
   #   -> router params of one new expert, stacked on the expert axis
   new_expert_params: Optional[Callable[..., Dict[str, np.ndarray]]] = None
+  # The loss term whose weight a compute budget (target_experts_per_token) controls;
+  # None: the router takes no budget.
+  budget_loss: Optional[str] = None
 
 
 def _param(module: nn.Module, name, init, shape, axes):
@@ -172,7 +175,9 @@ _LOGIT_ROUTER = dict(router_params=('router_kernel',), new_expert_params=_new_lo
 REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
     RouterSpec('top_any', _route_top_any, _losses_top_any,
                router_params=('gate_embeddings', 'thresholds'),
-               new_expert_params=_new_top_any),
+               expected_k=lambda s: (s.target_experts_per_token or
+                                     (s.k if s.expected_k is None else s.expected_k)),
+               new_expert_params=_new_top_any, budget_loss='efficiency'),
     RouterSpec('top_k', _route_top_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
                pairs_per_token=lambda s: s.k, check=_check_k_within, **_LOGIT_ROUTER),
@@ -218,17 +223,30 @@ def check(settings, num_experts: int) -> List[Tuple[str, str]]:
   problems = list(get(settings.router).check(settings, num_experts))
   if settings.max_k is not None and not 1 <= settings.max_k <= num_experts:
     problems.append(('max_k', f'must be in [1, {num_experts}]'))
+  target = settings.target_experts_per_token
+  if target is not None:
+    if get(settings.router).budget_loss is None:
+      problems.append(('target_experts_per_token',
+                       f'is for routers with a compute budget '
+                       f'({[n for n, s in REGISTRY.items() if s.budget_loss]}), not '
+                       f'{settings.router!r}'))
+    elif not 0 < target <= num_experts:
+      problems.append(('target_experts_per_token', f'must be in (0, {num_experts}]'))
   return problems
 
 
-def aux_loss(settings, route, logits, params) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+def aux_loss(settings, route, logits, params, weights: Optional[Mapping[str, jax.Array]] = None
+             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Weighted sum of the router's auxiliary losses and each unweighted term; a term
-  whose weight is 0 is not computed."""
+  whose weight is 0 is not computed. `weights` replaces the settings' weights of the
+  terms it names (traced values, e.g. a budget controller's)."""
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for name, (weight, loss_fn) in get(settings.router).aux_losses(
       settings, route, logits, params).items():
-    if weight:
+    if weights and name in weights:
+      weight = weights[name]
+    if weight is not None and (not isinstance(weight, (int, float)) or weight):
       value = loss_fn()
       metrics[name] = value
       total = total + weight * value

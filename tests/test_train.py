@@ -191,3 +191,24 @@ def test_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tiny_config
     for key, value in figures[0].items():
       np.testing.assert_allclose(other[key], value, rtol=1e-5, err_msg=key)
   assert {'moe/layer_1/expert_load', 'moe/layer_1/unrouted_fraction'} <= figures[0].keys()
+
+
+def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, tiny_config):
+  tiny_config.model.moe.target_experts_per_token = 1.0
+  tiny_config.model.moe.budget_rate = 1.2
+  straight = train.Trainer(tiny_config, str(tmp_path / 'straight'))
+  straight.run()
+  weight = float(straight.state.moe_controls['layer_1'])
+  assert weight != pytest.approx(tiny_config.model.moe.efficiency_weight)
+
+  def crash(trainer, step):
+    if step == 13:
+      raise Crash()
+
+  with pytest.raises(Crash):
+    train.Trainer(tiny_config, str(tmp_path / 'resumed'), on_step=crash).run()
+  again = train.Trainer(tiny_config, str(tmp_path / 'resumed'))
+  again.run()
+  chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
+  rows = metrics_rows(tmp_path / 'straight')
+  assert 'moe/layer_1/efficiency_weight' in rows[-1]

@@ -100,7 +100,7 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, attention_mask, training: bool, token_mask=None):
+  def __call__(self, x, attention_mask, training: bool, token_mask=None, loss_weights=None):
     h, probs = SelfAttention(self.num_heads, self.dropout, self.dtype, self.param_dtype,
                              name='attention')(layer_norm(self.dtype, 'ln_attention')(x),
                                                attention_mask, training)
@@ -112,7 +112,8 @@ class Block(nn.Module):
                        param_dtype=self.param_dtype, name='moe', **dict(self.moe))
       importance = (token_importance(probs, attention_mask)
                     if routers.get(moe.router).needs_token_importance else None)
-      h, aux = moe(h, training=training, token_importance=importance, token_mask=token_mask)
+      h, aux = moe(h, training=training, token_importance=importance, token_mask=token_mask,
+                   loss_weights=loss_weights)
     else:
       h = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, self.param_dtype, 'wi')(h)
       h = dense(x.shape[-1], ('mlp', 'embed'), self.dtype, self.param_dtype, 'wo')(nn.gelu(h))
@@ -178,9 +179,10 @@ class MoETransformer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs, training: bool = False, example_mask=None):
+  def __call__(self, inputs, training: bool = False, example_mask=None, moe_loss_weights=None):
     """example_mask [B]: rows to count (eval padding rows are 0); their tokens are routed
-    nowhere, so they take no expert capacity and stay out of the MoE metrics."""
+    nowhere, so they take no expert capacity and stay out of the MoE metrics.
+    moe_loss_weights: {MoE block name: {loss name: traced weight}} (budget controllers)."""
     if len(self.experts_per_layer) != self.num_layers:
       raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
                        f'{self.num_layers} layers')
@@ -210,7 +212,8 @@ class MoETransformer(nn.Module):
     for i, num_experts in enumerate(self.experts_per_layer):
       block = Block(self.num_heads, self.mlp_dim, num_experts, self.moe, self.dropout,
                     self.dtype, self.param_dtype, name=names.layer_name(i))
-      x, aux = block(x, attention_mask, training, token_mask)
+      x, aux = block(x, attention_mask, training, token_mask,
+                     (moe_loss_weights or {}).get(names.layer_name(i)))
       if aux is not None:
         moe_aux[names.layer_name(i)] = aux
     x = layer_norm(self.dtype, 'ln_final')(x)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from dynmoe_jax import adaptive, config_lib, sharding
+from dynmoe_jax.train import budget as budget_lib
 from dynmoe_jax.train import state as state_lib
 from dynmoe_jax.train import steps
 
@@ -54,7 +55,9 @@ def compile_layout(config, layout: Layout, *, mesh, tx: optax.GradientTransforma
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     model = config_lib.build_model(config, layout)
     sample = steps.model_inputs({k: v[:1] for k, v in example_batch.items()}, task)
-    init = state_lib.make_init(model, tx, sample)
+    budget = budget_lib.from_config(config, layout)
+    init = state_lib.make_init(model, tx, sample,
+                               budget.initial_controls() if budget else None)
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = sharding.param_shardings(boxed, mesh)
     abstract_state = jax.tree.map(
@@ -68,7 +71,7 @@ def compile_layout(config, layout: Layout, *, mesh, tx: optax.GradientTransforma
         steps.make_train_step(model, tx, task=task,
                               learning_rate_fn=config_lib.learning_rate_schedule(config),
                               augment_shift=augment_shift,
-                              skip_nonfinite=config.skip_nonfinite_updates),
+                              skip_nonfinite=config.skip_nonfinite_updates, budget=budget),
         in_shardings=(shardings, jax.tree.map(lambda a: a.sharding, train_batch)),
         out_shardings=(shardings, None, None), donate_argnums=(0,)
     ).lower(abstract_state, train_batch).compile()

@@ -90,12 +90,14 @@ def nonfinite_report(grads) -> Dict[str, jax.Array]:
 
 def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
                     learning_rate_fn: optax.Schedule, augment_shift: int = 0,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, budget=None) -> Callable:
   """(state, batch) -> (state, metrics, routing records per MoE layer).
 
   augment_shift > 0: signals are randomly shifted by up to that many samples.
   skip_nonfinite: a step whose loss or gradients are not finite leaves the params
   and optimizer state as they were (the step counter still advances).
+  budget: a `train.budget.Budget`, whose controllers (state.moe_controls) weight the
+  router's budget loss and are updated from this step's routing.
   """
 
   def train_step(state: TrainState, batch):
@@ -105,9 +107,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     if augment_shift > 0:
       inputs = augment.augment_shift(inputs, aug_rng, augment_shift)
 
+    loss_weights = budget.loss_weights(state.moe_controls) if budget else None
+
     def loss_fn(params):
       logits, aux = model.apply({'params': params}, inputs, training=True,
-                                rngs={'dropout': dropout_rng})
+                                rngs={'dropout': dropout_rng}, moe_loss_weights=loss_weights)
       loss, sums = task_loss(logits, batch, task)
       return loss + aux['loss'], (loss, sums, aux)
 
@@ -116,7 +120,13 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     params = optax.apply_updates(state.params, updates)
     report = nonfinite_report(grads)
     finite = jnp.isfinite(total) & jnp.all(jnp.stack(list(report.values())))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    moe_metrics = flatten_moe_metrics(aux['moe'])
+    controls = (budget.update(state.moe_controls, moe_metrics) if budget
+                else state.moe_controls)
+    for layer, weight in (state.moe_controls.items() if budget else ()):
+      moe_metrics[names.metric_key(layer, f'{budget.loss}_weight')] = weight
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              moe_controls=controls)
     if skip_nonfinite:
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                                state.replace(step=state.step + 1))
@@ -125,7 +135,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
                'finite': finite, 'skipped': (~finite).astype(jnp.int32) if skip_nonfinite
                else jnp.zeros((), jnp.int32),
                **{f'nonfinite_ok/{k}': v for k, v in report.items()},
-               **{k: v for k, v in sums.items()}, **flatten_moe_metrics(aux['moe'])}
+               **{k: v for k, v in sums.items()}, **moe_metrics}
     records = {layer: a.record for layer, a in aux['moe'].items()}
     return new_state, metrics, records
 

@@ -1,0 +1,48 @@
+"""dynmoe_jax.train.budget: the compute-budget controller."""
+import jax.numpy as jnp
+import pytest
+
+from dynmoe_jax import config_lib, layers, routers
+from dynmoe_jax.train import budget as budget_lib
+from tests.conftest import load_config
+
+
+def metrics(active, unrouted):
+  return {'moe/layer_1/active_experts': jnp.asarray(active),
+          'moe/layer_1/unrouted_fraction': jnp.asarray(unrouted)}
+
+
+def test_the_weight_rises_above_the_target_and_falls_below_it():
+  b = budget_lib.Budget(target=1.5, rate=2.0, loss='efficiency', initial_weight=0.01,
+                        layers=('layer_1',))
+  controls = b.initial_controls()
+  # 1.2 experts + 0.4 zero-expert tokens (1 each in evaluation) = 1.6 > 1.5: dearer
+  assert float(b.update(controls, metrics(1.2, 0.4))['layer_1']) == pytest.approx(0.02)
+  assert float(b.update(controls, metrics(1.2, 0.2))['layer_1']) == pytest.approx(0.005)
+  high = {'layer_1': jnp.asarray(budget_lib.MAX_WEIGHT)}
+  assert float(b.update(high, metrics(3.0, 0.0))['layer_1']) == budget_lib.MAX_WEIGHT
+  assert b.loss_weights(controls) == {'layer_1': {'efficiency': controls['layer_1']}}
+
+
+def test_config_budget_is_off_by_default_and_sized_into_capacity():
+  config = load_config('tiny')
+  assert budget_lib.from_config(config, (0, 4)) is None
+  config.model.moe.target_experts_per_token = 1.0
+  b = budget_lib.from_config(config, (0, 4))
+  assert (b.target, b.loss, b.layers) == (1.0, 'efficiency', ('layer_1',))
+  moe = lambda **kw: layers.MoE(num_experts=4, hidden_dim=8, **kw)
+  assert routers.capacity(moe(target_experts_per_token=1.0), 64, 4, True) < \
+      routers.capacity(moe(), 64, 4, True)
+
+
+def test_a_budget_needs_a_router_that_takes_one():
+  config = load_config('tiny', 'top_k')
+  config.model.moe.target_experts_per_token = 1.5
+  with pytest.raises(config_lib.ConfigError,
+                     match="target_experts_per_token=1.5 is invalid: is for routers with a "
+                           r"compute budget \(\['top_any'\]\)"):
+    config_lib.validate(config, num_devices=1)
+  config = load_config('tiny')
+  config.model.moe.target_experts_per_token = 5.0
+  with pytest.raises(config_lib.ConfigError, match=r'must be in \(0, 4\]'):
+    config_lib.validate(config, num_devices=1)
