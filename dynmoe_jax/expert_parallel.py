@@ -23,7 +23,7 @@ TOKEN_AXES = ('data', 'expert')
 def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
                         priority: Optional[jax.Array], expert_fn: Callable,
                         expert_params: Sequence[jax.Array], capacity_fn: Callable[[int], int]
-                        ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+                        ) -> Tuple[jax.Array, jax.Array, jax.Array, int, int]:
   """Experts are zero-padded up to a multiple of the expert axis; padded experts get
   no tokens (their mask columns are False).
 
@@ -32,7 +32,8 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
     expert_fn(expert_inputs [S, E_local, C, D], *expert_params) -> same shape.
     expert_params: arrays with the expert axis first, e.g. (wi, wo).
     capacity_fn(local_tokens) -> C (Python int).
-  Returns: y [T, D], num_routed, num_dropped (global counts).
+  Returns: y [T, D], num_routed, num_dropped (global counts), and the expert-FFN rows
+  computed over all shards and the capacity of each shard's buffers (Python ints).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or 'expert' not in mesh.shape:
@@ -75,4 +76,4 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
                 *[expert_spec(p) for p in expert_params]),
       out_specs=(token_spec, P()))(tokens, mask, weights,
                                    priority if has_priority else jnp.zeros(()), *expert_params)
-  return y, counts[0], counts[1]
+  return y, counts[0], counts[1], shards * padded_experts * capacity, capacity

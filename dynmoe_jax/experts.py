@@ -55,6 +55,12 @@ class ExpertFFN:
     with jax.named_scope('expert_wo'):
       return jnp.einsum('ecf,efd->ecd', h, self.wo)
 
+  @property
+  def flops_per_row(self) -> int:
+    """Forward FLOPs of one token through one expert: 2·D·F per matmul."""
+    width, hidden = self.wi.shape[-2], self.wi.shape[-1]
+    return 2 * width * hidden * len(self.weights)
+
   def on_sorted(self, sorted_inputs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """[N, D] pairs sorted by expert, group_sizes [E] -> [N, D]."""
     h = self.activation(jax.lax.ragged_dot(sorted_inputs, self.wi, group_sizes))
@@ -78,6 +84,8 @@ class Computed:
   output: jax.Array      # [T, D]
   num_routed: jax.Array  # int32, routed (token, expert) pairs
   num_dropped: jax.Array  # int32, pairs that got no slot
+  rows: int              # expert-FFN rows computed, padding included (static)
+  capacity: int = 0      # slots per expert (0: a path without capacity)
 
 
 def _capacity_path(impl: str):
@@ -91,7 +99,7 @@ def _capacity_path(impl: str):
     chex.assert_shape(expert_inputs, (routed.route.mask.shape[1], capacity, width))
     expert_outputs = sharding.constrain(ffn.on_buffers(expert_inputs), DISPATCHED_AXES)
     return Computed(state.combine(expert_outputs, routed.route.weights), state.num_routed,
-                    state.num_dropped)
+                    state.num_dropped, rows=expert_inputs.shape[0] * capacity, capacity=capacity)
   return run
 
 
@@ -99,8 +107,9 @@ def _ragged(routed: Routed, ffn: ExpertFFN) -> Computed:
   sorted_inputs, state = dispatch_lib.ragged_dispatch(routed.tokens, routed.route.mask,
                                                       max_k=routed.max_k)
   sorted_outputs = ffn.on_sorted(sorted_inputs, state.group_sizes)
+  # the pair list is what ragged_dot multiplies (its unused tail included)
   return Computed(state.combine(sorted_outputs, routed.route.weights), state.num_routed,
-                  state.num_dropped)
+                  state.num_dropped, rows=sorted_inputs.shape[0])
 
 
 def _shard_map_a2a(routed: Routed, ffn: ExpertFFN) -> Computed:
@@ -112,10 +121,11 @@ def _shard_map_a2a(routed: Routed, ffn: ExpertFFN) -> Computed:
     out = ffn.with_weights(*local_weights).on_buffers(flat)
     return out.reshape(local_e, shards, cap, width).transpose(1, 0, 2, 3)
 
-  y, num_routed, num_dropped = expert_parallel.expert_parallel_ffn(
+  y, num_routed, num_dropped, rows, capacity = expert_parallel.expert_parallel_ffn(
       routed.tokens, routed.route.mask, routed.route.weights, routed.priority, local_experts,
       ffn.weights, routed.capacity)
-  return Computed(y.astype(routed.tokens.dtype), num_routed, num_dropped)
+  return Computed(y.astype(routed.tokens.dtype), num_routed, num_dropped, rows=rows,
+                  capacity=capacity)
 
 
 def _all_experts_reference(routed: Routed, ffn: ExpertFFN) -> Computed:
@@ -125,7 +135,7 @@ def _all_experts_reference(routed: Routed, ffn: ExpertFFN) -> Computed:
   expert_outputs = ffn.on_buffers(expert_inputs)
   y = jnp.einsum('te,etd->td', routed.route.weights, routing.upcast(expert_outputs))
   return Computed(y.astype(routed.tokens.dtype), routed.route.mask.sum(dtype=jnp.int32),
-                  jnp.zeros((), jnp.int32))
+                  jnp.zeros((), jnp.int32), rows=num_experts * num_tokens)
 
 
 PATHS: Dict[str, Callable[[Routed, ExpertFFN], Computed]] = {

@@ -40,6 +40,8 @@ class MoEAux:
   metrics: Dict[str, jax.Array]  # 'active_experts', 'dropped_fraction', 'expert_load', ...
   record: RoutingRecord
   num_tokens: jax.Array          # float32[], tokens the metrics average over (token_mask)
+  total_tokens: jax.Array        # float32[], every token of the input, masked ones included
+  rows: jax.Array                # float32[], expert-FFN rows computed (slots, padding included)
 
 
 def stacked_kernel_init(scale: float = 1.0):
@@ -210,13 +212,23 @@ class MoE(nn.Module):
       unrouted = unrouted & valid
     num_tokens = (jnp.asarray(tokens.shape[0], jnp.float32) if valid is None
                   else valid.sum(dtype=jnp.float32))
+    active = _token_mean(route.num_active.astype(jnp.float32), valid)
+    kept = (computed.num_routed - computed.num_dropped).astype(jnp.float32)
     metrics = {
-        'active_experts': _token_mean(route.num_active.astype(jnp.float32), valid),
+        'active_experts': active,
         'dropped_fraction': computed.num_dropped / jnp.maximum(computed.num_routed, 1).astype(
             jnp.float32),
         'expert_load': routed_per_expert / jnp.maximum(routed_per_expert.sum(), 1).astype(
             jnp.float32),
         'unrouted_fraction': _token_mean(unrouted.astype(jnp.float32), valid),
+        # Compute that follows the router, or not: slots per expert and how full they are;
+        # forward expert-FFN FLOPs per token for the routed pairs and for what was computed
+        # (padding slots included).
+        'capacity': jnp.asarray(computed.capacity, jnp.float32),
+        'slot_utilization': kept / computed.rows,
+        'activated_flops_per_token': active * ffn.flops_per_row,
+        'computed_flops_per_token': jnp.asarray(
+            computed.rows * ffn.flops_per_row / tokens.shape[0], jnp.float32),
         # 1.0 / 0.0 flags: lets the trainer name the layer where NaN/Inf first appears.
         'input_finite': jnp.all(jnp.isfinite(x)).astype(jnp.float32),
         'router_finite': jnp.all(jnp.isfinite(route.weights)).astype(jnp.float32),
@@ -233,7 +245,9 @@ class MoE(nn.Module):
     self.sow('intermediates', 'active_experts_per_token', route.num_active.reshape(lead_shape),
              init_fn=lambda: None, reduce_fn=lambda _, new: new)
     y = y.reshape(*lead_shape, width).astype(x.dtype)
-    return y, MoEAux(loss=aux_loss, metrics=metrics, record=record, num_tokens=num_tokens)
+    return y, MoEAux(loss=aux_loss, metrics=metrics, record=record, num_tokens=num_tokens,
+                     total_tokens=jnp.asarray(tokens.shape[0], jnp.float32),
+                     rows=jnp.asarray(computed.rows, jnp.float32))
 
 
 def _token_mean(values: jax.Array, valid: Optional[jax.Array]) -> jax.Array:

@@ -36,9 +36,10 @@ from dynmoe_jax.data import pipeline
 from dynmoe_jax.default_config import lm_config, mnist1d_config
 
 TASKS = ('mnist1d', 'lm')
-ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe',
-           'dynmoe_adaptive')
-DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe', 'dynmoe_adaptive')
+ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe',
+           'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive')
+DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
+           'dynmoe_b1.0', 'dynmoe_adaptive')
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
 
@@ -90,8 +91,18 @@ def router_variants() -> Dict[str, Callable]:
   def damoe(c):  # as configs/mnist1d_damoe.py
     c.model.moe.router, c.model.moe.max_k, c.model.moe.expected_k = 'adaptive_k', 4, 2.0
 
-  def dynmoe(c):
+  def dynmoe(c):  # the reference's 2025 losses (the defaults)
     c.model.moe.router = 'top_any'
+
+  def dynmoe_2024(c):  # the paper's losses: diversity + simplicity only
+    dynmoe(c)
+    c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
+
+  def budget(target):
+    def edit(c):
+      dynmoe(c)
+      c.model.moe.target_experts_per_token = target
+    return edit
 
   def dynmoe_adaptive(c):
     c.model.moe.router = 'top_any'
@@ -104,7 +115,8 @@ def router_variants() -> Dict[str, Callable]:
     a.min_experts, a.max_experts = 1, 16
 
   return {'dense': dense, 'top1': top_k(1), 'top2': top_k(2), 'top_p0.4': top_p(0.4),
-          'top_p0.6': top_p(0.6), 'damoe': damoe, 'dynmoe': dynmoe,
+          'top_p0.6': top_p(0.6), 'damoe': damoe, 'dynmoe_2024': dynmoe_2024, 'dynmoe': dynmoe,
+          'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
           'dynmoe_adaptive': dynmoe_adaptive}
 
 

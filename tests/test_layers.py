@@ -220,3 +220,19 @@ def _route_like_layer(moe, params, x, importance, training):
     return routing.adaptive_k(logits, routing.importance_to_k(importance, moe.k).reshape(-1),
                               moe.k)
   return routing.expert_choice(logits, routing.expert_choice_capacity(B * S, E, moe.k))
+
+
+@pytest.mark.parametrize('impl', ['sort', 'ragged', 'all_experts_reference'])
+def test_flops_follow_the_rows_each_path_computes(impl):
+  x, importance = make_inputs(4)
+  moe = build('top_k', impl, k=2, capacity_factor=1.0, capacity_multiple_of=8)
+  rows = {'sort': E * moe.capacity(B * S, training=True), 'ragged': B * S * 2,
+          'all_experts_reference': E * B * S}[impl]
+  _, _, aux = init_apply(moe, x, importance)
+  per_row = 2 * D * F * 2  # wi and wo
+  assert float(aux.rows) == rows
+  np.testing.assert_allclose(aux.metrics['activated_flops_per_token'], 2 * per_row)
+  np.testing.assert_allclose(aux.metrics['computed_flops_per_token'], rows * per_row / (B * S),
+                             rtol=1e-6)
+  kept = B * S * 2 * (1 - float(aux.metrics['dropped_fraction']))
+  np.testing.assert_allclose(aux.metrics['slot_utilization'], kept / rows, rtol=1e-6)

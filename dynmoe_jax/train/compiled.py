@@ -35,6 +35,16 @@ class Compiled:
   eval_step: Callable
   seconds: float = 0.0           # wall time the compile took
 
+  def cost(self) -> Dict[str, float]:
+    """XLA's cost analysis of the compiled train step (one step, whole batch)."""
+    analysis = self.train_step.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+      analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return {'flops': float(analysis.get('flops', float('nan'))),
+            'bytes_accessed': float(analysis.get('bytes accessed', float('nan'))),
+            'compile_seconds': self.seconds}
+
 
 def abstract_batch(mesh, rows: int, example: Mapping[str, np.ndarray]):
   return {k: jax.ShapeDtypeStruct((rows,) + np.shape(v)[1:], np.asarray(v).dtype,

@@ -14,7 +14,7 @@ from dynmoe_jax import names, plots
 from dynmoe_jax.train import steps
 
 log = logging.getLogger('dynmoe_jax')
-LOG_FILES = ('metrics.jsonl', 'adaptation.jsonl')
+LOG_FILES = ('metrics.jsonl', 'adaptation.jsonl', 'compiled_cost.jsonl')
 
 
 def train_row(step: int, window: List[Mapping[str, Any]], seconds: float, task: str
@@ -86,6 +86,16 @@ class MetricsLog:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'step':
           self.tb.add_scalar(f"{row['split']}/{key}", value, row['step'])
       self.tb.flush()
+
+  def append_compiled_cost(self, step: int, layout: Sequence[int], cost: Mapping[str, float]):
+    """One row per compiled layout in compiled_cost.jsonl (start and every recompile)."""
+    row = {'step': step, 'experts_per_layer': list(layout), **cost}
+    log.info('step %d: compiled train step for experts per layer %s: %.3g FLOPs, %.3g bytes '
+             'accessed per step (XLA cost analysis); compiled in %.1fs', step, list(layout),
+             cost['flops'], cost['bytes_accessed'], cost['compile_seconds'])
+    if self.is_main:
+      with open(os.path.join(self.workdir, 'compiled_cost.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
 
   def append_adaptation(self, events: Sequence[Mapping[str, Any]]):
     if not self.is_main or not events:

@@ -142,9 +142,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
   return train_step
 
 
-# Per MoE layer, the eval step's integer sums: valid tokens, routed pairs per expert,
-# tokens that activated no expert, pairs dropped for capacity.
-EVAL_COUNTS = ('tokens', 'routed_pairs', 'unrouted_tokens', 'dropped_pairs')
+# Per MoE layer, the eval step's sums over batches: valid tokens, all tokens (padding
+# rows included), routed pairs per expert, tokens that activated no expert, pairs dropped
+# for capacity, expert-FFN rows computed, routed and computed forward FLOPs, and slots per
+# expert (divided by the number of batches).
+EVAL_COUNTS = ('tokens', 'all_tokens', 'routed_pairs', 'unrouted_tokens', 'dropped_pairs',
+               'rows', 'activated_flops', 'computed_flops', 'capacity')
 
 
 def make_eval_step(model, *, task: str) -> Callable:
@@ -156,10 +159,14 @@ def make_eval_step(model, *, task: str) -> Callable:
                               example_mask=batch['mask'])
     _, sums = task_loss(logits, batch, task)
     for layer, a in aux['moe'].items():
-      counts = (a.num_tokens, a.record.tokens_per_expert, a.record.unrouted_count,
-                a.record.dropped_pairs)
+      m = a.metrics
+      counts = (a.num_tokens, a.total_tokens, a.record.tokens_per_expert,
+                a.record.unrouted_count, a.record.dropped_pairs, a.rows,
+                m['activated_flops_per_token'] * a.num_tokens,
+                m['computed_flops_per_token'] * a.total_tokens, m['capacity'])
       for key, value in zip(EVAL_COUNTS, counts):
         sums[names.metric_key(layer, key)] = value
+    sums['batches'] = jnp.ones((), jnp.float32)
     return sums
 
   return eval_step
@@ -179,4 +186,10 @@ def summarize_eval(totals: Mapping[str, Any], task: str) -> Dict[str, Any]:
     out[key('dropped_fraction')] = float(get('dropped_pairs')) / pairs
     out[key('unrouted_fraction')] = float(get('unrouted_tokens')) / tokens
     out[key('expert_load')] = (routed / pairs).tolist()
+    out[key('capacity')] = float(get('capacity')) / max(float(totals['batches']), 1.0)
+    out[key('slot_utilization')] = (float(routed.sum() - get('dropped_pairs'))
+                                    / max(float(get('rows')), 1.0))
+    out[key('activated_flops_per_token')] = float(get('activated_flops')) / tokens
+    out[key('computed_flops_per_token')] = (float(get('computed_flops'))
+                                            / max(float(get('all_tokens')), 1.0))
   return out

@@ -208,6 +208,7 @@ class Trainer:
       step = int(jax.device_get(state.step))
       # A resumed run's TensorBoard steps after its checkpoint replace the old ones.
       self.metrics.open(purge_step=step + 1 if step else None)
+      self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
       from tqdm import tqdm
       bar = tqdm(total=config.num_train_steps, initial=step, dynamic_ncols=True,
                  disable=not (config.progress_bar and self.is_main), desc='train')
@@ -246,7 +247,10 @@ class Trainer:
           log.info('eval step %d: %s', step, {k: round(float(v), 4) for k, v in eval_row.items()
                                               if isinstance(v, float)})
         if at_boundary:
+          before = self.compiled
           state, self.compiled = self.boundary.apply(state, step, self.compiled)
+          if self.compiled is not before:
+            self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
         if checkpoint_every.fires(step, last) or at_boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
         self.boundary.maybe_compile_ahead(step, self.compiled.layout)
