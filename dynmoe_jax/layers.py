@@ -63,7 +63,8 @@ class MoE(nn.Module):
       unset. Dynamic routers: the experts per token capacity is sized for, unless
       `expected_k` is set.
     p: top-p threshold in (0, 1].
-    max_k: cap on experts per token for 'top_p' (None = E) and the largest K for
+    max_k: cap on experts per token for 'top_p' and 'top_any' (None = E: the pair list
+      the sort and ragged paths build is T·max_k long) and the largest K for
       'adaptive_k' (None = k).
     expected_k: experts per token assumed when sizing capacity (None: the router's
       default, see `routers.RouterSpec.expected_k`).

@@ -177,7 +177,10 @@ REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
                router_params=('gate_embeddings', 'thresholds'),
                expected_k=lambda s: (s.target_experts_per_token or
                                      (s.k if s.expected_k is None else s.expected_k)),
-               new_expert_params=_new_top_any, budget_loss='efficiency'),
+               new_expert_params=_new_top_any, budget_loss='efficiency',
+               # max_k bounds the pair list (T·max_k, not T·E); pairs past it are dropped
+               # and counted, like capacity drops
+               pairs_per_token=lambda s: s.max_k),
     RouterSpec('top_k', _route_top_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
                pairs_per_token=lambda s: s.k, check=_check_k_within, **_LOGIT_ROUTER),

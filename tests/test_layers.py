@@ -236,3 +236,19 @@ def test_flops_follow_the_rows_each_path_computes(impl):
                              rtol=1e-6)
   kept = B * S * 2 * (1 - float(aux.metrics['dropped_fraction']))
   np.testing.assert_allclose(aux.metrics['slot_utilization'], kept / rows, rtol=1e-6)
+
+
+def test_top_any_max_k_bounds_the_ragged_pair_list():
+  x, importance = make_inputs(5)
+  unbounded = build('top_any', 'ragged')
+  _, _, aux = init_apply(unbounded, x, importance)
+  assert float(aux.rows) == B * S * E
+  bounded = build('top_any', 'ragged', max_k=2)
+  variables = bounded.init(jax.random.PRNGKey(0), x)
+  (_, aux), state = bounded.apply(variables, x, training=True, mutable=['intermediates'])
+  assert float(aux.rows) == B * S * 2
+  per_token = np.asarray(state['intermediates']['active_experts_per_token'])
+  assert per_token.max() > 2  # the case needs tokens with more than max_k experts
+  # every pair past a token's first two experts is dropped, and counted
+  want = np.maximum(per_token - 2, 0).sum() / per_token.sum()
+  assert float(aux.metrics['dropped_fraction']) == pytest.approx(want, rel=1e-6)
