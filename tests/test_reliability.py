@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import plots, train
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # end-to-end: trains models
 
@@ -45,17 +45,20 @@ def steps_logged(workdir):
   return [r['step'] for r in plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
+def test_a_signal_checkpoints_the_current_step_writes_plots_and_exits_zero(tmp_path, signum):
   proc = start_main(tmp_path, '--config.num_train_steps=100000', '--config.checkpoint_every=1000',
                     '--config.eval_every=1000')
   wait_for(lambda: len(steps_logged(tmp_path)) >= 2, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
+  assert 'KeyboardInterrupt' not in err
   result = json.loads(out[out.index('{'):])
   assert result['status'] == 'preempted'
   steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints'))
   assert steps == [result['step']] and 10 <= result['step'] < 1000
+  assert (tmp_path / 'plots' / 'loss_accuracy.png').exists()
 
 
 def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path):
@@ -153,20 +156,6 @@ def test_dropped_fraction_warning(tmp_path, tiny_config, caplog):
   with caplog.at_level('WARNING', logger='dynmoe_jax'):
     train.Trainer(tiny_config, str(tmp_path)).run()
   assert 'dropped' in caplog.text and 'raise model.moe.capacity_factor' in caplog.text
-
-
-def test_ctrl_c_checkpoints_like_sigterm_and_writes_plots(tmp_path):
-  proc = start_main(tmp_path, '--config.num_train_steps=100000', '--config.checkpoint_every=1000',
-                    '--config.eval_every=1000')
-  wait_for(lambda: len(steps_logged(tmp_path)) >= 2, proc)
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
-  assert 'KeyboardInterrupt' not in err
-  result = json.loads(out[out.index('{'):])
-  assert result['status'] == 'preempted'
-  assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [result['step']]
-  assert (tmp_path / 'plots' / 'loss_accuracy.png').exists()
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_config):
