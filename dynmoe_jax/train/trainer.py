@@ -101,7 +101,8 @@ class Trainer:
     return self.compiled.abstract_state
 
   def restore_or_init(self) -> TrainState:
-    """The newest readable checkpoint, or a fresh state; sets `self.compiled`."""
+    """The newest readable checkpoint, or a fresh state; sets `self.compiled`. Writes
+    nothing (an unreadable checkpoint is moved aside, see Checkpointer.restore_latest)."""
     had_checkpoints = bool(self.checkpointer.all_steps())
     restored = self.checkpointer.restore_latest(self._abstract_for)
     if restored is not None:
@@ -109,14 +110,12 @@ class Trainer:
       self.boundary.load_records(meta.get('routing_records', {}))
       log.info('resumed from %s/checkpoints/%d (experts per layer %s)', self.workdir, step,
                list(self.compiled.layout))
-      self.metrics.truncate_after(step)
       return state
     if had_checkpoints:
       raise checkpointing.NoReadableCheckpointError(
           f'no checkpoint in {self.workdir}/checkpoints could be read (each was moved, not '
           f'deleted, to {self.workdir}/unreadable_checkpoints); starting at step 0 would '
           'overwrite this run. Use a new --workdir to start over.')
-    self.metrics.truncate_after(0)  # rows of a run killed before its first checkpoint
     self.compiled = self.compile(self.layout)
     return compiled_lib.init_state(self.compiled, self.mesh, self.config.seed)
 
@@ -206,6 +205,9 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       state = self.restore_or_init()
       step = int(jax.device_get(state.step))
+      # Rows logged after that step (a killed run's tail; all of them for a run killed
+      # before its first checkpoint) are redone by this run, not kept twice.
+      self.metrics.truncate_after(step)
       # A resumed run's TensorBoard steps after its checkpoint replace the old ones.
       self.metrics.open(purge_step=step + 1 if step else None)
       self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
