@@ -27,9 +27,12 @@ ROOT = common.ROOT
 
 
 def run_configs(steps: int, adaptive_every: int, seed: int = 0):
-  def dynmoe(num_experts):
+  def dynmoe(num_experts, losses='2024'):
+    """Top-any with the paper's 2024 losses (as the default job) or the reference's 2025."""
     c = mnist1d_config('top_any')
     c.model.moe.num_experts = num_experts
+    if losses == '2024':
+      c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
     return c
 
   dense = mnist1d_config()
@@ -44,14 +47,11 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   # 8 experts with capacity sized for 4 active experts per token instead of k=2
   e8_k4 = dynmoe(8)
   e8_k4.model.moe.expected_k = 4.0
-  # the paper's (2024) losses: diversity + simplicity only
-  paper_losses = dynmoe(4)
-  paper_losses.model.moe.load_balance_weight = 0.0
-  paper_losses.model.moe.efficiency_weight = 0.0
-  budget = dynmoe(4)
+  budget = dynmoe(4, losses='2025')
   budget.model.moe.target_experts_per_token = 1.5
+  # dynmoe_e4 is the default job (2024 losses); the _2025 run adds load balance + efficiency
   configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
-             'dynmoe_e4_2024_losses': paper_losses, 'dynmoe_e4_budget1.5': budget,
+             'dynmoe_e4_2025_losses': dynmoe(4, losses='2025'), 'dynmoe_e4_budget1.5': budget,
              'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
   for c in configs.values():
     c.num_train_steps = steps
