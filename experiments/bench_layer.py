@@ -19,14 +19,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+import common
 from dynmoe_jax import layers, routing
 
 
@@ -66,16 +64,8 @@ def make_step(module):
 
 
 def time_step(step, args, reps):
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(step(*args))
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - t0)
-  metrics = {k: float(v) for k, v in out[2].items()}
-  return statistics.median(times), compile_s, metrics
+  seconds, compile_s, out = common.time_call(lambda: step(*args), reps)
+  return seconds, compile_s, {k: float(v) for k, v in out[2].items()}
 
 
 def build_cases(num_experts, hidden, impls, include_naive):

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 if '--real_devices' not in sys.argv:
   os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + \
@@ -25,19 +23,13 @@ if '--real_devices' not in sys.argv:
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from dynmoe_jax import layers, sharding  # noqa: E402
 
 
 def timed(fn, args, reps):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return common.time_call(lambda: fn(*args), reps)[0]
 
 
 def main():

@@ -92,6 +92,20 @@ def restored(config, workdir: str):
 # ----------------------------------------------------------------------------- timing
 
 
+def time_call(fn: Callable[[], Any], reps: int):
+  """(median seconds of `reps` calls, seconds of the first call (compile + warm-up), the
+  last call's output) of `fn`, each call blocked until its arrays are ready."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), first, out
+
+
 def interleaved_seconds(steppers: Mapping[str, Callable[[], Any]], rounds: int
                         ) -> Dict[str, float]:
   """Median seconds of each stepper (a callable that runs its work and blocks until it
