@@ -29,11 +29,22 @@ def diversity(gate_embeddings: jax.Array, expert_mask: Optional[jax.Array] = Non
   return _safe_norm(gram)
 
 
-def _safe_norm(x: jax.Array) -> jax.Array:
-  """||x||_F: exactly 0 at x = 0, with gradient 0 there (not NaN)."""
+# Below this Frobenius norm the Gram residual of normalised gate embeddings is float32
+# rounding, not geometry (entries of ŴŴᵀ carry ~1e-7 error each).
+DIVERSITY_FLOOR = 1e-5
+
+
+def _safe_norm(x: jax.Array, floor: float = DIVERSITY_FLOOR) -> jax.Array:
+  """||x||_F, taken as exactly 0 (value and gradient) below `floor`.
+
+  The gradient of an exact norm near 0 is a unit-length direction set by whatever is
+  left, here rounding noise: at the orthonormal init that noise would become full-size
+  Adam steps in random directions, different on every device layout. Above the floor
+  this is the reference's norm (torch.norm), so the reference's l_aux is matched.
+  """
   squared = jnp.sum(x**2)
-  positive = squared > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+  above = squared > floor * floor
+  return jnp.where(above, jnp.sqrt(jnp.where(above, squared, 1.0)), 0.0)
 
 
 def simplicity(gate_embeddings: jax.Array) -> jax.Array:
