@@ -31,11 +31,13 @@ def _fail(field: str, value: Any, allowed: str):
   raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
 
 
-def experts_layout(config) -> Tuple[int, ...]:
-  """Expert count per block (0 = dense) as the config asks for it."""
+def experts_layout(config, num_experts: Optional[int] = None) -> Tuple[int, ...]:
+  """Expert count per block (0 = dense) as the config asks for it; `num_experts` puts
+  that count in every MoE block instead."""
   m = config.model
   moe_layers = tuple(m.moe_layer_indices) if m.moe_layer_indices else m.moe_layers
-  per_layer = tuple(m.moe.num_experts_per_layer) or m.moe.num_experts
+  per_layer = num_experts if num_experts is not None else (
+      tuple(m.moe.num_experts_per_layer) or m.moe.num_experts)
   try:
     return transformer.experts_per_layer(m.num_layers, moe_layers, per_layer)
   except ValueError as e:
@@ -44,13 +46,7 @@ def experts_layout(config) -> Tuple[int, ...]:
 
 def experts_layout_indices(config) -> Tuple[int, ...]:
   """The blocks the config makes MoE blocks, whatever their expert counts."""
-  m = config.model
-  moe_layers = tuple(m.moe_layer_indices) if m.moe_layer_indices else m.moe_layers
-  try:
-    marker = transformer.experts_per_layer(m.num_layers, moe_layers, 1)
-  except ValueError as e:
-    raise ConfigError(f'config.model: {e}') from e
-  return tuple(i for i, n in enumerate(marker) if n)
+  return tuple(i for i, n in enumerate(experts_layout(config, num_experts=1)) if n)
 
 
 def moe_kwargs(config) -> Dict[str, Any]:

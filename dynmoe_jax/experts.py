@@ -145,5 +145,3 @@ PATHS: Dict[str, Callable[[Routed, ExpertFFN], Computed]] = {
     'all_experts_reference': _all_experts_reference,
     'shard_map_a2a': _shard_map_a2a,
 }
-# Paths that fill fixed-capacity buffers (and so have a capacity to report).
-CAPACITY_PATHS = ('sort', 'einsum', 'shard_map_a2a')

@@ -22,7 +22,6 @@ DISPATCH_IMPLS = tuple(experts.PATHS)
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': nn.gelu, 'relu': nn.relu, 'silu': nn.silu, 'swish': nn.swish}
 PRIORITIES = ('score', 'index')
-DISPATCHED_AXES = experts.DISPATCHED_AXES
 
 
 @flax.struct.dataclass

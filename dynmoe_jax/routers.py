@@ -247,22 +247,17 @@ def aux_loss(settings, route, logits, params, weights: Optional[Mapping[str, jax
   metrics = {}
   for name, (weight, loss_fn) in get(settings.router).aux_losses(
       settings, route, logits, params).items():
-    if weights and name in weights:
-      weight = weights[name]
-    if weight is not None and (not isinstance(weight, (int, float)) or weight):
-      value = loss_fn()
-      metrics[name] = value
-      total = total + weight * value
+    weight = (weights or {}).get(name, weight)
+    if isinstance(weight, (int, float)) and not weight:
+      continue  # a static 0 (a traced weight is always applied)
+    value = loss_fn()
+    metrics[name] = value
+    total = total + weight * value
   return total, metrics
 
 
 def is_router_param(name: str) -> bool:
   return name in ALL_ROUTER_PARAMS
-
-
-def expected_slots_per_token(settings) -> float:
-  """Experts per token that capacity is sized for (for reports)."""
-  return float(get(settings.router).expected_k(settings))
 
 
 def new_expert_router_params(router: str, kept: Mapping[str, np.ndarray],

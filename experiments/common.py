@@ -27,12 +27,9 @@ def load_config(name: str, *args):
   return config_lib.load_config_file(path, *args)
 
 
-set_field = config_lib.set_field
-
-
 def apply_overrides(config, overrides: Mapping[str, Any]):
   for dotted, value in overrides.items():
-    set_field(config, dotted, value)
+    config_lib.set_field(config, dotted, value)
   return config
 
 

@@ -1,6 +1,7 @@
 """Experts across devices: GSPMD (pjit) path, shard_map all-to-all path, uneven
 expert counts, and two processes with jax.distributed. Each configuration runs in
 a subprocess because the CPU device count is fixed when JAX starts."""
+import json
 import os
 import socket
 import subprocess
@@ -104,7 +105,6 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def final_eval(workdir):
-  import json
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   return [r for r in rows if r['split'] == 'eval'][-1]
 
@@ -131,7 +131,6 @@ def test_the_readme_8_device_command_runs_the_default_config_with_both_paths(tmp
                            '--impl', impl], cwd=ROOT, env={**os.environ, **eight},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
     evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
     for key, value in evaluated.items():
       np.testing.assert_allclose(value, reference[key], rtol=1e-6, atol=1e-7,

@@ -260,5 +260,3 @@ def experts_per_layer(num_layers: int, moe_layers, num_experts) -> Tuple[int, ..
     layout[i] = n
   return tuple(layout)
 
-
-moe_layer_names = names.moe_layer_names
