@@ -13,6 +13,7 @@ Flow, per MoE layer, at a boundary:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -22,38 +23,96 @@ import numpy as np
 
 from dynmoe_jax import layers as layers_lib
 from dynmoe_jax import names, routers
+from dynmoe_jax.layout import Layout
 
 Path = Tuple[str, ...]
 
 
 @dataclasses.dataclass
 class RecordAccumulator:
-  """Host-side sum of one layer's RoutingRecords over the recording window."""
+  """Host-side sum of one layer's RoutingRecords over the recording window, and each
+  step's routed pairs per expert and tokens (what capacity is planned from)."""
   tokens_per_expert: np.ndarray
   unrouted_count: int = 0
   unrouted_input_sum: Optional[np.ndarray] = None
   steps: int = 0
+  step_loads: Optional[np.ndarray] = None   # int64[steps, E]
+  step_tokens: Optional[np.ndarray] = None  # int64[steps]
 
   @classmethod
   def empty(cls, num_experts: int, width: int) -> 'RecordAccumulator':
-    return cls(np.zeros(num_experts, np.int64), 0, np.zeros(width, np.float64), 0)
+    return cls(np.zeros(num_experts, np.int64), 0, np.zeros(width, np.float64), 0,
+               np.zeros((0, num_experts), np.int64), np.zeros(0, np.int64))
 
   def add(self, record: layers_lib.RoutingRecord):
-    self.tokens_per_expert = self.tokens_per_expert + np.asarray(record.tokens_per_expert)
+    loads = np.asarray(record.tokens_per_expert, np.int64)
+    self.tokens_per_expert = self.tokens_per_expert + loads
     self.unrouted_count += int(record.unrouted_count)
     self.unrouted_input_sum = self.unrouted_input_sum + np.asarray(record.unrouted_input_sum,
                                                                    np.float64)
     self.steps += 1
+    if self.step_loads is not None:
+      self.step_loads = np.concatenate([self.step_loads, loads[None]])
+      self.step_tokens = np.append(self.step_tokens, int(record.num_tokens))
 
   def to_json(self) -> Dict[str, Any]:
-    return {'tokens_per_expert': self.tokens_per_expert.tolist(),
-            'unrouted_count': self.unrouted_count,
-            'unrouted_input_sum': self.unrouted_input_sum.tolist(), 'steps': self.steps}
+    out = {'tokens_per_expert': self.tokens_per_expert.tolist(),
+           'unrouted_count': self.unrouted_count,
+           'unrouted_input_sum': self.unrouted_input_sum.tolist(), 'steps': self.steps}
+    if self.step_loads is not None:
+      out.update(step_loads=self.step_loads.tolist(), step_tokens=self.step_tokens.tolist())
+    return out
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> 'RecordAccumulator':
-    return cls(np.asarray(d['tokens_per_expert'], np.int64), int(d['unrouted_count']),
-               np.asarray(d['unrouted_input_sum'], np.float64), int(d['steps']))
+    counts = np.asarray(d['tokens_per_expert'], np.int64)
+    loads = d.get('step_loads')
+    return cls(counts, int(d['unrouted_count']), np.asarray(d['unrouted_input_sum'], np.float64),
+               int(d['steps']),
+               None if loads is None else np.asarray(loads, np.int64).reshape(-1, counts.size),
+               None if loads is None else np.asarray(d['step_tokens'], np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRule:
+  """How capacity follows recorded routing (config.adaptive.capacity_*).
+
+  slots = the `quantile` over the window's steps of the busiest expert's routed pairs,
+  times `headroom`, raised until the window's pairs would have lost at most
+  `max_dropped` of themselves to capacity; a smaller plan replaces the current capacity
+  only when it saves more than `tolerance` of it (each change is a recompile).
+  """
+  quantile: float = 0.9
+  headroom: float = 1.1
+  max_dropped: float = 0.01
+  tolerance: float = 0.1
+  multiple_of: int = 8
+
+
+def planned_capacity(record: RecordAccumulator, keep: Sequence[int], rule: CapacityRule,
+                     current: int) -> Tuple[int, int]:
+  """(slots per expert, tokens per step) for the next layout, planned from the window's
+  per-step loads of the experts that stay. `current`: the slots the window ran with
+  (at the same tokens per step)."""
+  if record.step_loads is None or not len(record.step_loads):
+    raise ValueError('planned_capacity: the record holds no per-step loads')
+  tokens = set(record.step_tokens.tolist())
+  if len(tokens) != 1:
+    raise ValueError(f'planned_capacity: the window\'s steps routed different token counts '
+                     f'{sorted(tokens)}; capacity is planned for one training batch shape')
+  (tokens,) = tokens
+  multiple = rule.multiple_of
+  round_up = lambda n: multiple * -(-int(n) // multiple)
+  loads = record.step_loads[:, list(keep)] if keep else record.step_loads
+  most = round_up(tokens)  # an expert never gets a token twice
+  slots = min(most, max(multiple, round_up(math.ceil(
+      np.quantile(loads.max(axis=1), rule.quantile) * rule.headroom))))
+  pairs = max(int(loads.sum()), 1)
+  while slots < most and np.maximum(loads - slots, 0).sum() / pairs > rule.max_dropped:
+    slots += multiple
+  if current and (1.0 - rule.tolerance) * current <= slots <= current:
+    slots = current  # too small a saving to pay a recompile for
+  return int(slots), int(tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +180,38 @@ def planned_experts(record: RecordAccumulator, *, min_experts: int, max_experts:
   return keep, add and len(keep) < max_experts
 
 
-def planned_layout(layout: Sequence[int], records: Mapping[str, RecordAccumulator], *,
-                   min_experts: int, max_experts: int) -> Tuple[int, ...]:
-  """Experts per layer after the boundary that `records` (MoE layer name, e.g.
-  'layer_1', -> its window) will be planned from."""
-  counts = list(layout)
+def planned_layout(layout: Layout, records: Mapping[str, RecordAccumulator], *,
+                   expert_bounds: Optional[Tuple[int, int]] = None,
+                   capacity_rule: Optional[CapacityRule] = None,
+                   current_slots: Optional[Callable[[int, int], int]] = None) -> Layout:
+  """The layout after the boundary that `records` (MoE layer name, e.g. 'layer_1', -> its
+  window) will be planned from. expert_bounds: (min_experts, max_experts) to add and
+  remove experts, None to keep them; capacity_rule: re-plan capacity, None to keep it;
+  current_slots(block, tokens): the slots per expert that block's window ran with."""
+  experts, capacity = list(layout.experts), list(layout.capacity)
+  tokens = layout.capacity_tokens
+  planned = set()
   for name, record in records.items():
-    if record.steps:
-      keep, add = planned_experts(record, min_experts=min_experts, max_experts=max_experts)
-      counts[names.layer_index(name)] = len(keep) + int(add)
-  return tuple(counts)
+    if not record.steps:
+      continue
+    block = names.layer_index(name)
+    keep = tuple(range(experts[block]))
+    if expert_bounds is not None:
+      keep, add = planned_experts(record, min_experts=expert_bounds[0],
+                                  max_experts=expert_bounds[1])
+      experts[block] = len(keep) + int(add)
+    if capacity_rule is not None:
+      window_tokens = int(record.step_tokens[0]) if record.step_tokens is not None and len(
+          record.step_tokens) else 0
+      current = current_slots(block, window_tokens) if current_slots and window_tokens else 0
+      capacity[block], tokens = planned_capacity(record, keep, capacity_rule, current)
+      planned.add(block)
+  stale = [i for i, c in enumerate(capacity) if c and i not in planned]
+  if stale and tokens != layout.capacity_tokens:
+    raise ValueError(f'planned_layout: blocks {stale} keep capacities planned for '
+                     f'{layout.capacity_tokens} tokens per step, the others are planned for '
+                     f'{tokens}; plan every MoE layer from the same steps')
+  return Layout(tuple(experts), tuple(capacity), tokens)
 
 
 def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
@@ -239,10 +320,3 @@ def resize(params, opt_state, plan: ResizePlan):
       lambda x: _resize_tree(x, plan, fill_new=False) if is_param_shaped(x) else x,
       opt_state, is_leaf=is_param_shaped)
   return new_params, new_opt_state
-
-
-def new_layout(layout: Sequence[int], plan: ResizePlan) -> Tuple[int, ...]:
-  counts = list(layout)
-  for module, layer in plan.layers.items():
-    counts[names.layer_index(module[0])] = layer.new_count
-  return tuple(counts)

@@ -6,7 +6,7 @@ a second, not a compile.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import optax
 
 from dynmoe_jax import layers, routers, sharding
 from dynmoe_jax.data import pipeline
+from dynmoe_jax.layout import Layout
 from dynmoe_jax.models import transformer
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -54,11 +55,15 @@ def moe_kwargs(config) -> Dict[str, Any]:
   return {k: v for k, v in config.model.moe.items() if k not in LAYOUT_KEYS}
 
 
-def build_model(config, layout: Optional[Sequence[int]] = None) -> transformer.MoETransformer:
+def build_model(config, layout: Union[None, Layout, Sequence[int]] = None
+                ) -> transformer.MoETransformer:
+  """The model of `layout` (a Layout, or experts per block; None: the config's)."""
   m = config.model
+  layout = Layout.of(layout or experts_layout(config))
   return transformer.MoETransformer(
       task=m.task, stem=m.stem, num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads,
-      mlp_dim=m.mlp_dim, experts_per_layer=tuple(layout or experts_layout(config)),
+      mlp_dim=m.mlp_dim, experts_per_layer=layout.experts,
+      planned_capacity=tuple(layout.planned_capacity(i) for i in range(len(layout.experts))),
       moe=moe_kwargs(config), num_classes=m.num_classes, vocab_size=m.vocab_size,
       max_len=m.max_len, pool=m.pool, stem_kernel=m.stem_kernel, stem_stride=m.stem_stride,
       dropout=m.dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
@@ -166,7 +171,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
 
   a = config.adaptive
-  if a.enabled:
+  if a.enabled or a.capacity:
     positive_int('adaptive.every', a.every)
     positive_int('adaptive.record_steps', a.record_steps)
     positive_int('adaptive.compile_lead_steps', a.compile_lead_steps, allow_zero=True)
@@ -174,23 +179,37 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
       _fail('adaptive.record_steps', a.record_steps,
             f'plus adaptive.compile_lead_steps={a.compile_lead_steps} must be <= '
             f'adaptive.every={a.every}')
+    counts = [n for n in layout if n]
+    if not counts:
+      _fail('adaptive.enabled' if a.enabled else 'adaptive.capacity', True,
+            'needs at least one MoE layer (model.moe_layers)')
+  if a.capacity:
+    if routers.get(moe.router).fixed_capacity is not None:
+      _fail('adaptive.capacity', True, f'router {moe.router!r} fixes its own capacity')
+    if not 0.0 < a.capacity_quantile <= 1.0:
+      _fail('adaptive.capacity_quantile', a.capacity_quantile, 'must be in (0, 1]')
+    if not (isinstance(a.capacity_headroom, (int, float)) and a.capacity_headroom >= 1.0):
+      _fail('adaptive.capacity_headroom', a.capacity_headroom, 'must be a number >= 1')
+    if not 0.0 <= a.capacity_max_dropped < config.dropped_fraction_warning:
+      _fail('adaptive.capacity_max_dropped', a.capacity_max_dropped,
+            f'must be in [0, dropped_fraction_warning={config.dropped_fraction_warning})')
+    if not 0.0 <= a.capacity_tolerance < 1.0:
+      _fail('adaptive.capacity_tolerance', a.capacity_tolerance, 'must be in [0, 1)')
+  if a.enabled:
     positive_int('adaptive.min_experts', a.min_experts)
     positive_int('adaptive.max_experts', a.max_experts)
     if a.min_experts > a.max_experts:
       _fail('adaptive.min_experts', a.min_experts,
             f'must be <= adaptive.max_experts={a.max_experts}')
     one_of('adaptive.new_expert_init', a.new_expert_init, NEW_EXPERT_INITS)
-    counts = [n for n in layout if n]
-    if not counts:
-      _fail('adaptive.enabled', True, 'needs at least one MoE layer (model.moe_layers)')
     bad = [n for n in counts if not a.min_experts <= n <= a.max_experts]
     if bad:
       _fail('model.moe.num_experts', counts,
             f'must lie in [adaptive.min_experts={a.min_experts}, '
             f'adaptive.max_experts={a.max_experts}]')
-    if a.every >= config.num_train_steps:
-      _fail('adaptive.every', a.every, f'must be < num_train_steps={config.num_train_steps} '
-            '(boundaries come every adaptive.every steps; none would be reached)')
+  if (a.enabled or a.capacity) and a.every >= config.num_train_steps:
+    _fail('adaptive.every', a.every, f'must be < num_train_steps={config.num_train_steps} '
+          '(boundaries come every adaptive.every steps; none would be reached)')
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   try:

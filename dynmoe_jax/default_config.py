@@ -94,8 +94,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1
 
   c.adaptive = ml_collections.ConfigDict()
-  c.adaptive.enabled = False
-  c.adaptive.every = 500               # steps between add/remove boundaries
+  c.adaptive.enabled = False           # add and remove experts at boundaries
+  # Re-plan each MoE layer's capacity (slots per expert) at boundaries from the routing
+  # recorded before them, with or without adaptive experts: the `capacity_quantile` over
+  # the window's steps of the busiest expert's load, times `capacity_headroom`, raised
+  # until at most `capacity_max_dropped` of the window's pairs would have been dropped; a
+  # smaller plan is taken only when it saves more than `capacity_tolerance` (a recompile).
+  c.adaptive.capacity = False
+  c.adaptive.capacity_quantile = 0.9
+  c.adaptive.capacity_headroom = 1.1
+  c.adaptive.capacity_max_dropped = 0.01
+  c.adaptive.capacity_tolerance = 0.1
+  c.adaptive.every = 500               # steps between boundaries
   c.adaptive.record_steps = 100        # routing window recorded before each boundary
   # The window ends this many steps before its boundary; the new layout's steps compile on
   # a thread meanwhile, so training does not stop for the compiler. 0: compile at the

@@ -21,7 +21,7 @@ token index in every implementation, so 'sort' and 'einsum' drop the same pairs.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import chex
 import flax.struct
@@ -45,6 +45,20 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
   round_up = lambda n: multiple_of * math.ceil(n / multiple_of)
   capacity = round_up(math.ceil(capacity_factor * num_tokens * expected_k / num_experts))
   return max(multiple_of, min(capacity, round_up(num_tokens)))
+
+
+def scaled_capacity(planned: Tuple[int, int], num_tokens: int, multiple_of: int = 8,
+                    factor: float = 1.0) -> int:
+  """Slots per expert for `num_tokens` tokens from a capacity planned as `slots` for
+  `tokens` tokens: ceil(slots·num_tokens/tokens) (exact integer arithmetic, so the planned
+  call gets exactly `slots`), times `factor` (> 1 for evaluation), rounded up to
+  `multiple_of`, never more than num_tokens rounded up."""
+  slots, tokens = planned
+  round_up = lambda n: multiple_of * -(-n // multiple_of)
+  capacity = -(-slots * num_tokens // tokens)
+  if factor != 1.0:
+    capacity = math.ceil(capacity * factor)
+  return max(multiple_of, min(round_up(capacity), round_up(num_tokens)))
 
 
 def _accumulator(weights: jax.Array, outputs: jax.Array):

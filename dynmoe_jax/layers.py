@@ -7,7 +7,7 @@ no router- or dispatch-specific branch: both are looked up by name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 import flax.linen as nn
@@ -31,6 +31,7 @@ class RoutingRecord:
   unrouted_count: jax.Array      # int32[], tokens that activated no expert
   unrouted_input_sum: jax.Array  # float32[D], sum of router inputs of those tokens
   dropped_pairs: jax.Array       # int32[], routed pairs dropped for capacity
+  num_tokens: jax.Array          # int32[], tokens routed (masked ones excluded)
 
 
 @flax.struct.dataclass
@@ -70,6 +71,11 @@ class MoE(nn.Module):
     capacity_factor / eval_capacity_factor: slots per expert relative to the
       expected load, in training / evaluation.
     capacity_multiple_of: capacity is rounded up to a multiple of this.
+    planned_capacity: (slots, tokens): capacity re-planned from recorded routing (the
+      trainer's `adaptive.capacity`): `slots` per expert for a training call of `tokens`
+      tokens, replacing the capacity-factor rule. A call (or a device's shard) of n tokens
+      gets ceil(slots·n/tokens) slots in training and eval_capacity_factor/capacity_factor
+      times that in evaluation, rounded up to capacity_multiple_of. None: the rule.
     dispatch_impl: a name in `experts.PATHS` (DISPATCH_IMPLS).
     priority: 'score' keeps the most confident pairs when an expert overflows;
       'index' keeps earlier tokens.
@@ -97,6 +103,7 @@ class MoE(nn.Module):
   capacity_factor: float = 2.0
   eval_capacity_factor: float = 4.0
   capacity_multiple_of: int = 8
+  planned_capacity: Optional[Tuple[int, int]] = None
   dispatch_impl: str = 'sort'
   priority: str = 'score'
   activation: str = 'gelu'
@@ -134,6 +141,10 @@ class MoE(nn.Module):
     for name in ('capacity_factor', 'eval_capacity_factor'):
       if getattr(self, name) <= 0:
         raise ValueError(f'MoE.{name} must be > 0, got {getattr(self, name)}')
+    if self.planned_capacity is not None and (
+        len(self.planned_capacity) != 2 or min(self.planned_capacity) < 1):
+      raise ValueError(f'MoE.planned_capacity must be (slots >= 1, tokens >= 1), got '
+                       f'{self.planned_capacity!r}')
     if self.expected_k is not None and self.expected_k <= 0:
       raise ValueError(f'MoE.expected_k must be > 0, got {self.expected_k}')
     if self.priority not in PRIORITIES:
@@ -239,7 +250,9 @@ class MoE(nn.Module):
         tokens_per_expert=routed_per_expert,
         unrouted_count=unrouted.sum(dtype=jnp.int32),
         unrouted_input_sum=jnp.where(unrouted[:, None], routing.upcast(tokens), 0.0).sum(0),
-        dropped_pairs=computed.num_dropped.astype(jnp.int32))
+        dropped_pairs=computed.num_dropped.astype(jnp.int32),
+        num_tokens=(jnp.asarray(tokens.shape[0], jnp.int32) if valid is None
+                    else valid.sum(dtype=jnp.int32)))
     # Per-token expert counts for analysis (harder inputs, more experts?); stored only
     # when the caller makes 'intermediates' mutable, otherwise a no-op.
     self.sow('intermediates', 'active_experts_per_token', route.num_active.reshape(lead_shape),

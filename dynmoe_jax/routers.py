@@ -212,10 +212,16 @@ def get(name: str) -> RouterSpec:
 
 
 def capacity(settings, num_tokens: int, num_experts: int, training: bool) -> int:
-  """Slots per expert for `num_tokens` tokens, as the router's capacity rule says."""
+  """Slots per expert for `num_tokens` tokens: the router's fixed capacity, else a
+  re-planned one (`settings.planned_capacity`), else the capacity-factor rule."""
   spec = get(settings.router)
   if spec.fixed_capacity is not None:
     return spec.fixed_capacity(settings, num_tokens, num_experts)
+  planned = getattr(settings, 'planned_capacity', None)
+  if planned is not None:
+    return dispatch.scaled_capacity(planned, num_tokens, settings.capacity_multiple_of,
+                                    1.0 if training else
+                                    settings.eval_capacity_factor / settings.capacity_factor)
   factor = settings.capacity_factor if training else settings.eval_capacity_factor
   return dispatch.expert_capacity(num_tokens, num_experts, factor, spec.expected_k(settings),
                                   settings.capacity_multiple_of)

@@ -38,7 +38,8 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
 
 def run_summary(workdir: str) -> Dict[str, Any]:
   """The final eval row of a finished run, its MoE layers' eval figures, the expert
-  counts it ended with and its training-time drops (mean of the last fifth of rows)."""
+  counts it ended with, and its training-time drops, slots per expert and computed
+  expert FLOPs per token (mean of the last fifth of rows)."""
   rows = plots.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   train_rows = [r for r in rows if r['split'] == 'train']
   final_eval = [r for r in rows if r['split'] == 'eval'][-1]
@@ -47,6 +48,7 @@ def run_summary(workdir: str) -> Dict[str, Any]:
   metric = 'accuracy' if 'accuracy' in final_eval else 'bits_per_byte'
   active = {l: final_eval[names.metric_key(l, 'active_experts')] for l in layers}
   key = lambda layer, name: names.metric_key(layer, name)
+  late = lambda name: {l: float(np.mean([r[key(l, name)] for r in last_fifth])) for l in layers}
   return {
       'metric': metric, 'value': final_eval[metric], 'eval_loss': final_eval['loss'],
       'active_experts': active,
@@ -55,6 +57,13 @@ def run_summary(workdir: str) -> Dict[str, Any]:
       'train_dropped_fraction': {l: float(np.mean([r[key(l, 'dropped_fraction')]
                                                    for r in last_fifth])) for l in layers},
       'eval_dropped_fraction': {l: final_eval[key(l, 'dropped_fraction')] for l in layers},
+      # Forward expert-FFN FLOPs per token, summed over MoE layers: what the routed pairs
+      # need (eval) and what the training step computes (slots, padding included).
+      'activated_flops_per_token': float(sum(
+          final_eval[key(l, 'activated_flops_per_token')] for l in layers)),
+      'train_computed_flops_per_token': float(sum(late('computed_flops_per_token').values())),
+      'train_capacity': late('capacity'),
+      'train_slot_utilization': late('slot_utilization'),
       'adaptations': plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl')),
   }
 

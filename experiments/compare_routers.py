@@ -37,9 +37,11 @@ from dynmoe_jax.default_config import lm_config, mnist1d_config
 
 TASKS = ('mnist1d', 'lm')
 ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe',
-           'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive')
+           'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive', 'top2_cap', 'dynmoe_cap',
+           'dynmoe_b1.5_cap')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
-           'dynmoe_b1.0', 'dynmoe_adaptive')
+           'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap')
+CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
 
@@ -114,10 +116,24 @@ def router_variants() -> Dict[str, Callable]:
     a.compile_lead_steps = 0  # the README table was measured with the window at the boundary
     a.min_experts, a.max_experts = 1, 16
 
-  return {'dense': dense, 'top1': top_k(1), 'top2': top_k(2), 'top_p0.4': top_p(0.4),
-          'top_p0.6': top_p(0.6), 'damoe': damoe, 'dynmoe_2024': dynmoe_2024, 'dynmoe': dynmoe,
-          'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
-          'dynmoe_adaptive': dynmoe_adaptive}
+  def replanned(base):
+    def edit(c):
+      base(c)
+      a = c.adaptive
+      a.capacity = True
+      a.every = max(1, c.num_train_steps // 5)  # four boundaries
+      a.record_steps = max(1, a.every // 5)
+      a.compile_lead_steps = max(0, min(a.every // 10, a.every - a.record_steps))
+    return edit
+
+  variants = {'dense': dense, 'top1': top_k(1), 'top2': top_k(2), 'top_p0.4': top_p(0.4),
+              'top_p0.6': top_p(0.6), 'damoe': damoe, 'dynmoe_2024': dynmoe_2024,
+              'dynmoe': dynmoe, 'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
+              'dynmoe_adaptive': dynmoe_adaptive}
+  for name in ROUTERS:
+    if name.endswith(CAPACITY_SUFFIX):
+      variants[name] = replanned(variants[name[:-len(CAPACITY_SUFFIX)]])
+  return variants
 
 
 def make_config(task: str, router: str, seed: int, preset: str):
@@ -155,6 +171,9 @@ def summarize_run(config, workdir: str, blocks: int) -> Dict[str, Any]:
   summary = common.run_summary(workdir)
   summary['expert_params_per_token'] = expert_params_per_token(
       config, summary['active_experts'], blocks)
+  if not summary['active_experts']:  # dense: its FFNs in the same blocks, 2 FLOPs per weight
+    summary['activated_flops_per_token'] = summary['train_computed_flops_per_token'] = \
+        2 * summary['expert_params_per_token']
   return summary
 
 
@@ -241,7 +260,7 @@ def per_token_experts(trainer, params, batch):
   (logits, _), state = model.apply({'params': params}, inputs, training=False,
                                    mutable=['intermediates'])
   counts = {name: state['intermediates'][name]['moe']['active_experts_per_token']
-            for name in names.moe_layer_names(trainer.compiled.layout)}
+            for name in names.moe_layer_names(trainer.compiled.layout.experts)}
   return logits, counts
 
 
@@ -279,7 +298,7 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
           experts.append(layer_counts[valid])  # [N, L]: the token predicting that byte
     return np.concatenate(losses), np.concatenate(correct), np.concatenate(experts, 0)
 
-  out: Dict[str, Any] = {'layers': names.moe_layer_names(trainer.compiled.layout)}
+  out: Dict[str, Any] = {'layers': names.moe_layer_names(trainer.compiled.layout.experts)}
   losses, _, experts = pass_over(d.name)
   edges = np.quantile(losses, np.linspace(0, 1, LOSS_BINS + 1))
   bins = np.clip(np.searchsorted(edges, losses, side='right') - 1, 0, LOSS_BINS - 1)
@@ -315,6 +334,10 @@ def aggregate(task_runs: Dict[str, List[Dict]], steps_per_sec: Dict[str, float],
         l: mean_std([s['active_experts'].get(l) for s in seeds])[0] for l in layers}
     row['expert_params_per_token'] = mean_std([s['expert_params_per_token'] for s in seeds])[0]
     row['final_experts'] = [s['final_experts'] for s in seeds]
+    row['activated_flops_per_token'] = mean_std(
+        [s['activated_flops_per_token'] for s in seeds])[0]
+    row['train_computed_flops_per_token'] = mean_std(
+        [s['train_computed_flops_per_token'] for s in seeds])[0]
     row['train_dropped_fraction'] = mean_std(
         [np.mean(list(s['train_dropped_fraction'].values())) if layers else None
          for s in seeds])[0]
@@ -330,8 +353,9 @@ def markdown_table(task: str, rows: List[Dict]) -> str:
   label = 'test accuracy (%)' if metric == 'accuracy' else 'test bits/byte'
   scale = 100.0 if metric == 'accuracy' else 1.0
   lines = [f'| {task} router | {label} | active experts / token (per MoE layer) | '
-           'expert FFN params / token | final experts per layer | train steps/s vs top-2 | '
-           'dropped pairs (train) |', '|---|---|---|---|---|---|---|']
+           'expert FFN params / token | expert MFLOPs / token: activated (eval), computed '
+           '(train) | final experts per layer | train steps/s vs top-2 | dropped pairs (train) |',
+           '|---|---|---|---|---|---|---|---|']
   for r in rows:
     per_layer = ', '.join(f'{v:.2f}' for v in r['active_experts_per_layer'].values())
     active = (f"{r['mean_active_experts']:.2f} ± {r['mean_active_experts_std']:.2f} "
@@ -342,7 +366,9 @@ def markdown_table(task: str, rows: List[Dict]) -> str:
     lines.append(
         f"| {r['router']} | {scale * r['value']:.{1 if scale > 1 else 3}f} ± "
         f"{scale * r['value_std']:.{1 if scale > 1 else 3}f} | {active} | "
-        f"{r['expert_params_per_token'] / 1e3:.1f}k | {' / '.join(finals) or '-'} | "
+        f"{r['expert_params_per_token'] / 1e3:.1f}k | "
+        f"{r['activated_flops_per_token'] / 1e6:.3f} / "
+        f"{r['train_computed_flops_per_token'] / 1e6:.3f} | {' / '.join(finals) or '-'} | "
         f"{f'{speed:.2f}×' if speed else '-'} | "
         f"{'-' if dropped is None else f'{100 * dropped:.1f}%'} |")
   return '\n'.join(lines)

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from dynmoe_jax import adaptive, layers, routing, train
+from dynmoe_jax import adaptive, layers, routers, routing, train
+from dynmoe_jax.layout import Layout
 from tests.conftest import load_config
 
 E, D, F, T = 4, 8, 16, 64
@@ -72,13 +73,68 @@ def test_planned_layout_is_the_layout_the_plan_gives():
   records = {'layer_1': record([5, 0, 3, 0], 7, np.ones(D)), 'layer_3': record([0, 0, 0, 9]),
              'layer_5': record([1, 1, 1, 1], 4, np.ones(D))}
   kw = dict(min_experts=3, max_experts=4)
-  got = adaptive.planned_layout((0, 4, 0, 4, 0, 4), records, **kw)
+  got = adaptive.planned_layout(Layout((0, 4, 0, 4, 0, 4)), records, expert_bounds=(3, 4))
   want = [0, 4, 0, 4, 0, 4]
   for name, rec in records.items():
     want[int(name[-1])] = make_plan(moe, boxed, params, rec, **kw)[1].new_count
-  assert got == tuple(want) == (0, 3, 0, 3, 0, 4)
+  assert got == Layout(tuple(want)) == Layout((0, 3, 0, 3, 0, 4))
   empty = adaptive.RecordAccumulator.empty(4, D)  # a layer that recorded nothing keeps its count
-  assert adaptive.planned_layout((0, 4), {'layer_1': empty}, **kw) == (0, 4)
+  assert adaptive.planned_layout(Layout((0, 4)), {'layer_1': empty},
+                                 expert_bounds=(3, 4)) == Layout((0, 4))
+  # Without expert bounds the experts stay, whatever the records say.
+  assert adaptive.planned_layout(Layout((0, 4, 0, 4, 0, 4)), records) == Layout(
+      (0, 4, 0, 4, 0, 4))
+
+
+def window(loads, tokens=64):
+  """A record of a window whose step s routed loads[s][e] pairs to expert e."""
+  rec = adaptive.RecordAccumulator.empty(len(loads[0]), D)
+  for step_loads in loads:
+    rec.add(layers.RoutingRecord(np.asarray(step_loads), 0, np.zeros(D), 0, tokens))
+  return rec
+
+
+RULE = adaptive.CapacityRule(quantile=0.5, headroom=1.0, max_dropped=0.0, tolerance=0.0,
+                             multiple_of=1)
+
+
+def test_capacity_follows_the_busiest_expert_of_each_step():
+  rec = window([[10, 3, 0, 1], [4, 12, 0, 0], [2, 2, 14, 0]])
+  assert adaptive.planned_capacity(rec, range(4), RULE, current=0) == (14, 64)
+  # The median step's peak (12) with 1.5x headroom, rounded up to a multiple of 8.
+  rule = adaptive.CapacityRule(0.5, 1.5, max_dropped=1.0, tolerance=0.0, multiple_of=8)
+  assert adaptive.planned_capacity(rec, range(4), rule, current=0) == (24, 64)
+  # Only the experts that stay count: without expert 2, the busiest has 12.
+  rule = adaptive.CapacityRule(1.0, 1.0, max_dropped=1.0, tolerance=0.0, multiple_of=1)
+  assert adaptive.planned_capacity(rec, (0, 1, 3), rule, current=0) == (12, 64)
+
+
+def test_capacity_is_raised_until_drops_are_under_the_limit():
+  # The median peak is 10, but 30 of the 60 pairs would be dropped at 10 slots.
+  rec = window([[10, 0], [10, 0], [40, 0]])
+  rule = adaptive.CapacityRule(0.5, 1.0, max_dropped=0.1, tolerance=0.0, multiple_of=2)
+  slots, _ = adaptive.planned_capacity(rec, range(2), rule, current=0)
+  dropped = lambda c: sum(max(0, l - c) for l in (10, 10, 40)) / 60
+  assert dropped(slots) <= 0.1 < dropped(slots - 2)
+  # Never more than the tokens of a step (rounded up): an expert gets a token once.
+  rule = adaptive.CapacityRule(1.0, 4.0, max_dropped=0.0, tolerance=0.0, multiple_of=8)
+  assert adaptive.planned_capacity(window([[60, 0]], tokens=60), range(2), rule, 0) == (64, 60)
+
+
+def test_a_small_saving_keeps_the_current_capacity():
+  rec = window([[30, 0]])
+  rule = adaptive.CapacityRule(1.0, 1.0, max_dropped=0.0, tolerance=0.1, multiple_of=1)
+  assert adaptive.planned_capacity(rec, range(2), rule, current=32)[0] == 32  # 6% smaller
+  assert adaptive.planned_capacity(rec, range(2), rule, current=40)[0] == 30  # 25% smaller
+  assert adaptive.planned_capacity(rec, range(2), rule, current=20)[0] == 30  # grows always
+
+
+def test_records_round_trip_through_json():
+  rec = window([[1, 2], [3, 4]])
+  back = adaptive.RecordAccumulator.from_json(json.loads(json.dumps(rec.to_json())))
+  np.testing.assert_array_equal(back.step_loads, [[1, 2], [3, 4]])
+  np.testing.assert_array_equal(back.step_tokens, [64, 64])
+  assert back.steps == 2 and back.tokens_per_expert.tolist() == [4, 6]
 
 
 def test_noop_plan_gives_identical_trees():
@@ -186,6 +242,68 @@ def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
   resumed_events = [json.loads(l) for l in open(tmp_path / 'resumed' / 'adaptation.jsonl')]
   strip = lambda es: [{k: v for k, v in e.items() if not k.endswith('seconds')} for e in es]
   assert strip(resumed_events) == strip(events)
+
+
+def capacity_tiny():
+  # Top-1 sized at 4x the mean load: the routing it records asks for fewer slots.
+  config = load_config('tiny', 'top_k')
+  config.model.moe.k = 1
+  config.model.moe.capacity_factor = 4.0
+  config.num_train_steps = 30
+  config.checkpoint_every = 9  # step 18 lies between the window and the boundary at 20
+  config.adaptive.capacity = True
+  config.adaptive.every = 10
+  config.adaptive.record_steps = 4
+  config.adaptive.compile_lead_steps = 3
+  return config
+
+
+@pytest.mark.slow
+def test_trainer_replans_capacity_logs_and_resumes_exactly(tmp_path):
+  config = capacity_tiny()
+  straight = train.Trainer(config, str(tmp_path / 'straight'))
+  straight.run()
+  events = [json.loads(l) for l in open(tmp_path / 'straight' / 'adaptation.jsonl')]
+  assert events and all(e['experts_before'] == e['experts_after'] == 4 for e in events)
+  assert all(e['compiled_ahead'] for e in events)
+  tokens = config.batch_size * 40  # 40 tokens per MNIST-1D signal at stem stride 1
+  rule = routers.capacity(config.model.moe, tokens, 4, training=True)
+  first = events[0]
+  assert first['step'] == 10 and first['capacity_tokens'] == tokens
+  assert first['capacity_before'] == 0 and 0 < first['capacity_after'] < rule
+  # Every train and eval row reports the slots the step ran with.
+  planned = {e['step']: e['capacity_after'] for e in events}
+  rows = [json.loads(l) for l in open(tmp_path / 'straight' / 'metrics.jsonl')]
+  for row in rows:
+    if row['split'] == 'eval':
+      continue
+    boundaries = [s for s in planned if s < row['step']]
+    slots = planned[max(boundaries)] if boundaries else rule
+    assert row['moe/layer_1/capacity'] == slots, row['step']
+    assert row['moe/layer_1/dropped_fraction'] < config.dropped_fraction_warning
+    assert 0 < row['moe/layer_1/slot_utilization'] <= 1
+  evals = {r['step']: r for r in rows if r['split'] == 'eval'}
+  # Eval at step 20 runs before that boundary's switch, with step 10's plan scaled to eval
+  # batches of 250 signals (eval_capacity_factor / capacity_factor = 1 here).
+  scaled = -(-planned[10] * 250 * 40 // tokens)
+  assert evals[20]['moe/layer_1/capacity'] == 8 * -(-scaled // 8) < evals[10][
+      'moe/layer_1/capacity']
+  meta = json.load(open(tmp_path / 'straight' / 'checkpoints' / '30' / 'meta' / 'metadata'))
+  assert meta['capacity_per_layer'] == [0, events[-1]['capacity_after']]
+
+  def crash(trainer, step):
+    if step == 19:
+      raise RuntimeError('simulated kill')
+
+  with pytest.raises(RuntimeError, match='simulated kill'):
+    train.Trainer(config, str(tmp_path / 'resumed'), on_step=crash).run()
+  again = train.Trainer(config, str(tmp_path / 'resumed'))
+  again_result = again.run()
+  assert again_result['capacity_per_layer'] == meta['capacity_per_layer']
+  chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
+  strip = lambda es: [{k: v for k, v in e.items() if not k.endswith('seconds')} for e in es]
+  assert strip([json.loads(l) for l in open(tmp_path / 'resumed' / 'adaptation.jsonl')]) == \
+      strip(events)
 
 
 @pytest.mark.slow

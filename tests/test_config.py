@@ -92,3 +92,31 @@ def test_batch_must_split_over_the_mesh():
   config.mesh.data = 8
   with pytest.raises(config_lib.ConfigError, match='mesh.data\\*mesh.expert=8'):
     config_lib.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('capacity_quantile', 0.0, 'must be in \\(0, 1\\]'),
+    ('capacity_headroom', 0.9, 'must be a number >= 1'),
+    ('capacity_max_dropped', 0.5, 'must be in \\[0, dropped_fraction_warning=0.2\\)'),
+    ('capacity_tolerance', 1.0, 'must be in \\[0, 1\\)'),
+])
+def test_capacity_replanning_settings_are_checked(field, value, message):
+  config = load_config('tiny')
+  config.adaptive.capacity = True
+  config.adaptive.every = 10
+  config.adaptive.record_steps = 5
+  config.adaptive.compile_lead_steps = 5
+  config_lib.validate(config)
+  config.adaptive[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f'config.adaptive.{field}=.* {message}'):
+    config_lib.validate(config)
+
+
+def test_expert_choice_capacity_is_not_replanned():
+  config = load_config('tiny', 'expert_choice')
+  config.adaptive.capacity = True
+  config.adaptive.every = 10
+  config.adaptive.record_steps = 5
+  config.adaptive.compile_lead_steps = 5
+  with pytest.raises(config_lib.ConfigError, match="'expert_choice' fixes its own capacity"):
+    config_lib.validate(config)

@@ -38,6 +38,24 @@ def test_capacity_rules():
   assert routers.get('top_any').pairs_per_token(settings()) is None
 
 
+def test_planned_capacity_replaces_the_rule_and_scales_with_tokens():
+  moe = lambda **kw: layers.MoE(num_experts=E, hidden_dim=F, capacity_factor=2.0,
+                                eval_capacity_factor=4.0, **kw)
+  planned = moe(router='top_any', planned_capacity=(13, 64), capacity_multiple_of=1)
+  assert routers.capacity(planned, 64, E, True) == 13      # the planned call: exactly
+  assert routers.capacity(planned, 32, E, True) == 7       # a device's half: ceil(6.5)
+  assert routers.capacity(planned, 64, E, False) == 26     # evaluation: x eval/train factor
+  assert routers.capacity(planned, 5, E, True) == 2
+  rounded = moe(router='top_k', planned_capacity=(13, 64))  # capacity_multiple_of 8
+  assert routers.capacity(rounded, 64, E, True) == 16
+  assert routers.capacity(rounded, 8, E, True) == 8         # never more than the tokens
+  # Expert choice keeps its own capacity.
+  fixed = moe(router='expert_choice', k=2, planned_capacity=(3, 64))
+  assert routers.capacity(fixed, 64, E, True) == 32
+  with pytest.raises(ValueError, match='planned_capacity must be'):
+    moe(router='top_any', planned_capacity=(0, 64))._validate()
+
+
 def test_checks_name_the_field():
   s = layers.MoE(num_experts=E, hidden_dim=F, router='top_k', k=9, max_k=7)
   assert routers.check(s, E) == [('k', 'must be <= the 4 experts'), ('max_k', 'must be in [1, 4]')]

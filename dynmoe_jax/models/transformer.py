@@ -8,7 +8,7 @@ give important tokens more experts.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -168,6 +168,9 @@ class MoETransformer(nn.Module):
   mlp_dim: int
   experts_per_layer: Tuple[int, ...]
   moe: Mapping[str, Any]
+  # Per block: (slots, tokens) re-planned from routing, or None for the capacity rule
+  # (`layers.MoE.planned_capacity`); empty = None everywhere.
+  planned_capacity: Tuple[Optional[Tuple[int, int]], ...] = ()
   num_classes: int = 10
   vocab_size: int = 257
   max_len: int = 512
@@ -209,8 +212,10 @@ class MoETransformer(nn.Module):
     token_mask = None if example_mask is None else jnp.broadcast_to(
         (example_mask > 0)[:, None], x.shape[:2])
     moe_aux: Dict[str, layers.MoEAux] = {}
+    planned = self.planned_capacity or (None,) * self.num_layers
     for i, num_experts in enumerate(self.experts_per_layer):
-      block = Block(self.num_heads, self.mlp_dim, num_experts, self.moe, self.dropout,
+      moe = self.moe if planned[i] is None else {**self.moe, 'planned_capacity': planned[i]}
+      block = Block(self.num_heads, self.mlp_dim, num_experts, moe, self.dropout,
                     self.dtype, self.param_dtype, name=names.layer_name(i))
       x, aux = block(x, attention_mask, training, token_mask,
                      (moe_loss_weights or {}).get(names.layer_name(i)))

@@ -1,7 +1,7 @@
 """Layout boundaries: routing records -> plan -> compile ahead -> resize -> switch.
 
-The layout (experts per block) is static under jit and changes only here, every
-`adaptive.every` steps. The routing window that a boundary plans from ends
+The layout (experts per block and, with `adaptive.capacity`, slots per expert) is
+static under jit and changes only here, every `adaptive.every` steps. The routing window that a boundary plans from ends
 `adaptive.compile_lead_steps` before it; from then on the new layout's steps
 compile on a thread while training goes on, because the new shapes follow from
 the records alone. At the boundary the parameters and optimizer state are
@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 
-from dynmoe_jax import adaptive, layers, names
-from dynmoe_jax.train.compiled import Compiled, Layout
+from dynmoe_jax import adaptive, dispatch, layers, names, routers
+from dynmoe_jax.layout import Layout
+from dynmoe_jax.train.compiled import Compiled
 from dynmoe_jax.train.metrics_log import MetricsLog
 
 log = logging.getLogger('dynmoe_jax')
@@ -28,6 +29,7 @@ class LayoutBoundary:
 
   def __init__(self, config, compile_fn: Callable[[Layout], Compiled], metrics: MetricsLog):
     self.settings = config.adaptive
+    self.moe_settings = config.model.moe
     self.router = config.model.moe.router
     self.seed = config.seed
     self.num_train_steps = config.num_train_steps
@@ -41,7 +43,26 @@ class LayoutBoundary:
 
   @property
   def enabled(self) -> bool:
-    return bool(self.settings.enabled)
+    """Boundaries fire when experts are added and removed or capacity is re-planned."""
+    return bool(self.settings.enabled or self.settings.capacity)
+
+  def planned(self, current: Layout) -> Layout:
+    """The layout the next boundary gives, from the records alone."""
+    a = self.settings
+    rule = adaptive.CapacityRule(
+        a.capacity_quantile, a.capacity_headroom, a.capacity_max_dropped,
+        a.capacity_tolerance, self.moe_settings.capacity_multiple_of) if a.capacity else None
+
+    def current_slots(block: int, tokens: int) -> int:
+      planned = current.planned_capacity(block)
+      if planned is not None:
+        return dispatch.scaled_capacity(planned, tokens, self.moe_settings.capacity_multiple_of)
+      return routers.capacity(self.moe_settings, tokens, current.experts[block], training=True)
+
+    return adaptive.planned_layout(
+        current, self.records,
+        expert_bounds=(a.min_experts, a.max_experts) if a.enabled else None,
+        capacity_rule=rule, current_slots=current_slots)
 
   # -- checkpointed state -----------------------------------------------------------------
 
@@ -60,7 +81,7 @@ class LayoutBoundary:
     """Steps whose routing the next boundary plans from: the `record_steps` steps that
     end `compile_lead_steps` before the boundary."""
     a = self.settings
-    if not a.enabled:
+    if not self.enabled:
       return False
     into_interval = (step - 1) % a.every + 1  # 1..every
     window_end = a.every - a.compile_lead_steps
@@ -86,18 +107,17 @@ class LayoutBoundary:
     """Once the routing window before a boundary is complete, start compiling the layout
     that boundary will produce."""
     a = self.settings
-    if not a.enabled or not a.compile_lead_steps or self._ahead is not None:
+    if not self.enabled or not a.compile_lead_steps or self._ahead is not None:
       return
     boundary = (step // a.every + 1) * a.every
     if not (boundary - a.compile_lead_steps <= step and boundary < self.num_train_steps):
       return
-    layout = adaptive.planned_layout(current, self.records, min_experts=a.min_experts,
-                                     max_experts=a.max_experts)
+    layout = self.planned(current)
     future = None
     if layout != current:
       future = self._compiler.submit(self.compile_fn, layout)
-      log.info('step %d: routing window complete; compiling experts per layer %s for the '
-               'boundary at step %d in the background', step, list(layout), boundary)
+      log.info('step %d: routing window complete; compiling %s for the boundary at step %d '
+               'in the background', step, layout.describe(), boundary)
     self._ahead = (layout, future)
 
   def _compiled_for(self, layout: Layout, current: Compiled
@@ -113,44 +133,50 @@ class LayoutBoundary:
       compiled = ahead[1].result()
       return compiled, time.perf_counter() - start, True
     if ahead is not None:
-      log.warning('the boundary planned experts per layer %s, not the %s compiled ahead; '
-                  'compiling now', list(layout), list(ahead[0]))
+      log.warning('the boundary planned %s, not the %s compiled ahead; compiling now',
+                  layout.describe(), ahead[0].describe())
     compiled = self.compile_fn(layout)
     return compiled, compiled.seconds, False
 
   # -- the boundary itself ---------------------------------------------------------------
 
   def apply(self, state, step: int, current: Compiled) -> Tuple[Any, Compiled]:
-    """Plan from the recorded window, reallocate params and optimizer state, and switch
-    to the new layout's steps (compiled ahead, or now)."""
+    """Plan from the recorded window, reallocate params and optimizer state when experts
+    change, and switch to the new layout's steps (compiled ahead, or now)."""
     a = self.settings
     start = time.perf_counter()
-    host = jax.device_get(state)
     layout = current.layout
+    new_layout = self.planned(layout)
     plans = {}
-    for index, name in enumerate(names.moe_layer_names(layout)):
-      record = self.records.get(name)
-      if record is None or not record.steps:
-        continue
-      module = (name, 'moe')
-      moe_axes = {path[-1]: axis for path, axis in current.expert_axes.items()
-                  if path[:-1] == module}
-      rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), step), index)
-      plans[module] = adaptive.plan_layer(
-          record, host.params[name]['moe'], moe_axes, router=self.router,
-          kernel_init=layers.MoE.kernel_init, min_experts=a.min_experts,
-          max_experts=a.max_experts, new_expert_init=a.new_expert_init, rng=rng)
+    if a.enabled:
+      host = jax.device_get(state)
+      for index, name in enumerate(names.moe_layer_names(layout.experts)):
+        record = self.records.get(name)
+        if record is None or not record.steps:
+          continue
+        module = (name, 'moe')
+        moe_axes = {path[-1]: axis for path, axis in current.expert_axes.items()
+                    if path[:-1] == module}
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), step), index)
+        plans[module] = adaptive.plan_layer(
+            record, host.params[name]['moe'], moe_axes, router=self.router,
+            kernel_init=layers.MoE.kernel_init, min_experts=a.min_experts,
+            max_experts=a.max_experts, new_expert_init=a.new_expert_init, rng=rng)
     self.records = {}
     plan = adaptive.ResizePlan(plans, current.expert_axes)
-    if plan.is_noop:
+    if plan.is_noop and new_layout == layout:
       self._ahead = None
       return state, current
-    params, opt_state = adaptive.resize(host.params, host.opt_state, plan)
-    new_layout = adaptive.new_layout(layout, plan)
+    if not plan.is_noop:
+      params, opt_state = adaptive.resize(host.params, host.opt_state, plan)
+      state = host.replace(params=params, opt_state=opt_state)
+      for (name, _), layer_plan in plans.items():
+        assert layer_plan.new_count == new_layout.experts[names.layer_index(name)]
     plan_seconds = time.perf_counter() - start
     compiled, waited, ahead = self._compiled_for(new_layout, current)
     compile_seconds = 0.0 if compiled is current else compiled.seconds
-    state = jax.device_put(host.replace(params=params, opt_state=opt_state), compiled.shardings)
+    if compiled is not current or not plan.is_noop:
+      state = jax.device_put(state, compiled.shardings)
     paused = time.perf_counter() - start
     if new_layout == layout:
       how = 'the same shapes as before: the current steps are kept'
@@ -158,15 +184,26 @@ class LayoutBoundary:
       how = f'compiled in the background over the last {a.compile_lead_steps} steps'
     else:
       how = 'compiled at the boundary'
-    log.info('step %d: experts per layer %s -> %s; training paused %.2fs (plan + reallocate '
-             '%.2fs, waiting for the new steps %.2fs); the new steps took %.2fs to compile, %s',
-             step, list(layout), list(new_layout), paused, plan_seconds, waited,
+    log.info('step %d: %s -> %s; training paused %.2fs (plan + reallocate %.2fs, waiting for '
+             'the new steps %.2fs); the new steps took %.2fs to compile, %s', step,
+             layout.describe(), new_layout.describe(), paused, plan_seconds, waited,
              compile_seconds, how)
-    self.metrics.append_adaptation([
-        {'step': step, 'layer': name, 'added': layer_plan.num_new,
-         'removed': list(layer_plan.removed), 'experts_before': layer_plan.old_count,
-         'experts_after': layer_plan.new_count, 'compiled_ahead': ahead,
-         'seconds': paused, 'plan_seconds': plan_seconds,
-         'compile_wait_seconds': waited, 'recompile_seconds': compile_seconds}
-        for (name, _), layer_plan in plans.items() if not layer_plan.is_noop])
+    events = []
+    for index, name in enumerate(names.moe_layer_names(layout.experts)):
+      block = names.layer_index(name)
+      layer_plan = plans.get((name, 'moe'))
+      capacity_changed = new_layout.capacity[block] != layout.capacity[block]
+      if (layer_plan is None or layer_plan.is_noop) and not capacity_changed:
+        continue
+      event = {'step': step, 'layer': name, 'experts_before': layout.experts[block],
+               'experts_after': new_layout.experts[block],
+               'capacity_before': layout.capacity[block],
+               'capacity_after': new_layout.capacity[block],
+               'capacity_tokens': new_layout.capacity_tokens, 'compiled_ahead': ahead,
+               'seconds': paused, 'plan_seconds': plan_seconds,
+               'compile_wait_seconds': waited, 'recompile_seconds': compile_seconds}
+      if layer_plan is not None:
+        event.update(added=layer_plan.num_new, removed=list(layer_plan.removed))
+      events.append(event)
+    self.metrics.append_adaptation(events)
     return state, compiled

@@ -15,16 +15,15 @@ import numpy as np
 import optax
 
 from dynmoe_jax import adaptive, config_lib, sharding
+from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import budget as budget_lib
 from dynmoe_jax.train import state as state_lib
 from dynmoe_jax.train import steps
 
-Layout = Tuple[int, ...]
-
 
 @dataclasses.dataclass
 class Compiled:
-  """The model, shardings and compiled steps of one expert layout."""
+  """The model, shardings and compiled steps of one layout."""
   layout: Layout
   model: Any
   init: Callable                 # rng -> boxed TrainState (see state.make_init)
@@ -65,7 +64,7 @@ def compile_layout(config, layout: Layout, *, mesh, tx: optax.GradientTransforma
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     model = config_lib.build_model(config, layout)
     sample = steps.model_inputs({k: v[:1] for k, v in example_batch.items()}, task)
-    budget = budget_lib.from_config(config, layout)
+    budget = budget_lib.from_config(config, layout.experts)
     init = state_lib.make_init(model, tx, sample,
                                budget.initial_controls() if budget else None)
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))

@@ -87,11 +87,12 @@ class MetricsLog:
           self.tb.add_scalar(f"{row['split']}/{key}", value, row['step'])
       self.tb.flush()
 
-  def append_compiled_cost(self, step: int, layout: Sequence[int], cost: Mapping[str, float]):
-    """One row per compiled layout in compiled_cost.jsonl (start and every recompile)."""
-    row = {'step': step, 'experts_per_layer': list(layout), **cost}
-    log.info('step %d: compiled train step for experts per layer %s: %.3g FLOPs, %.3g bytes '
-             'accessed per step (XLA cost analysis); compiled in %.1fs', step, list(layout),
+  def append_compiled_cost(self, step: int, layout, cost: Mapping[str, float]):
+    """One row per compiled layout (a `layout.Layout`) in compiled_cost.jsonl (start and
+    every recompile)."""
+    row = {'step': step, **layout.to_meta(), **cost}
+    log.info('step %d: compiled train step for %s: %.3g FLOPs, %.3g bytes accessed per '
+             'step (XLA cost analysis); compiled in %.1fs', step, layout.describe(),
              cost['flops'], cost['bytes_accessed'], cost['compile_seconds'])
     if self.is_main:
       with open(os.path.join(self.workdir, 'compiled_cost.jsonl'), 'a') as f:

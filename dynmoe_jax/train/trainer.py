@@ -21,6 +21,7 @@ import numpy as np
 
 from dynmoe_jax import checkpointing, config_lib, names, plots, sharding
 from dynmoe_jax.data import pipeline
+from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
 from dynmoe_jax.train import compat, metrics_log, steps
 from dynmoe_jax.train.boundary import LayoutBoundary
@@ -49,7 +50,7 @@ class Trainer:
   def __init__(self, config, workdir: str, on_step: Optional[Callable] = None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
-    self.layout = config_lib.validate(config)
+    self.layout = Layout(config_lib.validate(config))
     # Before anything in the workdir is written: is it this run, or a new one?
     compat.check(compat.saved_config(self.workdir), config, self.workdir)
     self.is_main = jax.process_index() == 0
@@ -79,22 +80,23 @@ class Trainer:
   # -- state -------------------------------------------------------------------------------
 
   def compile(self, layout) -> compiled_lib.Compiled:
-    return compiled_lib.compile_layout(self.config, tuple(layout), mesh=self.mesh, tx=self.tx,
+    """The compiled steps of `layout` (a Layout, or experts per block)."""
+    return compiled_lib.compile_layout(self.config, Layout.of(layout), mesh=self.mesh, tx=self.tx,
                                        example_batch=self.example_batch,
                                        eval_rows=self.eval_rows)
 
-  def meta(self, layout) -> Dict[str, Any]:
-    return {'experts_per_layer': list(layout), 'routing_records': self.boundary.records_json(),
+  def meta(self, layout: Layout) -> Dict[str, Any]:
+    return {**layout.to_meta(), 'routing_records': self.boundary.records_json(),
             'config': compat.config_json(self.config)}
 
   def _abstract_for(self, meta) -> Any:
     # Every step restore may fall back to was written by this config, or it is refused.
     compat.check(meta.get('config', {}), self.config, self.workdir)
-    layout = tuple(meta['experts_per_layer'])
-    if layout != self.layout and not self.config.adaptive.enabled:
+    layout = Layout.from_meta(meta)
+    if layout.experts != self.layout.experts and not self.config.adaptive.enabled:
       raise checkpointing.ModelMismatchError(
-          f'{self.workdir} holds experts_per_layer={list(layout)} but the config asks for '
-          f'{list(self.layout)} and adaptive.enabled is False')
+          f'{self.workdir} holds experts_per_layer={list(layout.experts)} but the config asks '
+          f'for {list(self.layout.experts)} and adaptive.enabled is False')
     # Falling back to an older step of the same layout reuses the compiled steps.
     if self.compiled is None or self.compiled.layout != layout:
       self.compiled = self.compile(layout)
@@ -108,8 +110,8 @@ class Trainer:
     if restored is not None:
       step, state, meta = restored
       self.boundary.load_records(meta.get('routing_records', {}))
-      log.info('resumed from %s/checkpoints/%d (experts per layer %s)', self.workdir, step,
-               list(self.compiled.layout))
+      log.info('resumed from %s/checkpoints/%d (%s)', self.workdir, step,
+               self.compiled.layout.describe())
       return state
     if had_checkpoints:
       raise checkpointing.NoReadableCheckpointError(
@@ -168,7 +170,7 @@ class Trainer:
   def _blame(self, host) -> str:
     """The first MoE layer, in forward order, whose router or experts turned finite
     inputs into NaN/Inf."""
-    for layer in names.moe_layer_names(self.compiled.layout):
+    for layer in names.moe_layer_names(self.compiled.layout.experts):
       flag = lambda key: float(host.get(names.metric_key(layer, key), 1.0))
       if not flag('input_finite'):
         return f'the input of {layer} was already non-finite (a layer before it)'
@@ -239,7 +241,8 @@ class Trainer:
         if log_every.fires(step, last) or at_boundary or checkpoint_every.fires(step, False):
           row = metrics_log.train_row(step, window, time.perf_counter() - window_start,
                                       config.model.task)
-          metrics_log.warn_dropped(row, self.compiled.layout, config.dropped_fraction_warning)
+          metrics_log.warn_dropped(row, self.compiled.layout.experts,
+                                  config.dropped_fraction_warning)
           self.metrics.write(row)
           bar.set_postfix(postfix(row), refresh=False)
           window, window_start = [], time.perf_counter()
@@ -272,7 +275,8 @@ class Trainer:
     if not eval_row:  # nothing was evaluated in this call: report the run's last evaluation
       eval_row = self.metrics.last_row('eval')
     return {'status': status, 'step': step, 'eval': eval_row,
-            'experts_per_layer': list(self.compiled.layout)}
+            'experts_per_layer': list(self.compiled.layout.experts),
+            'capacity_per_layer': list(self.compiled.layout.capacity)}
 
 
 def eval_rows(eval_batch_size: int, mesh, process_count: int) -> int:
