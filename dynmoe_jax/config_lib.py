@@ -66,7 +66,8 @@ def build_model(config, layout: Union[None, Layout, Sequence[int]] = None
       planned_capacity=tuple(layout.planned_capacity(i) for i in range(len(layout.experts))),
       moe=moe_kwargs(config), num_classes=m.num_classes, vocab_size=m.vocab_size,
       max_len=m.max_len, pool=m.pool, stem_kernel=m.stem_kernel, stem_stride=m.stem_stride,
-      dropout=m.dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
+      dropout=m.dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+      ffn_bias=m.ffn_bias)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -210,6 +211,14 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if (a.enabled or a.capacity) and a.every >= config.num_train_steps:
     _fail('adaptive.every', a.every, f'must be < num_train_steps={config.num_train_steps} '
           '(boundaries come every adaptive.every steps; none would be reached)')
+
+  u = config.upcycle
+  if config.init_from is not None and not isinstance(config.init_from, str):
+    _fail('init_from', config.init_from, 'must be a workdir path')
+  if not (isinstance(u.noise, (int, float)) and u.noise >= 0):
+    _fail('upcycle.noise', u.noise, 'must be a number >= 0')
+  positive_int('upcycle.kmeans_batches', u.kmeans_batches)
+  positive_int('upcycle.kmeans_iterations', u.kmeans_iterations, allow_zero=True)
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   try:

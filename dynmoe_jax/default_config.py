@@ -18,6 +18,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.skip_nonfinite_updates = False     # True: skip a step whose loss/grads are not finite
   c.dropped_fraction_warning = 0.2     # warn when capacity drops exceed this fraction
   c.progress_bar = True
+  # Start from a dense run's workdir (sparse upcycling, dynmoe_jax.upcycle): its newest
+  # checkpoint's params, with every expert of an MoE block a copy of that block's FFN.
+  c.init_from = placeholder(str)
+
+  c.upcycle = ml_collections.ConfigDict()
+  c.upcycle.noise = 0.0                # std of noise on expert weights, x the dense std
+  c.upcycle.partition = False          # split the dense hidden units across experts
+  c.upcycle.kmeans_batches = 4         # training batches whose FFN inputs set top-any gates
+  c.upcycle.kmeans_iterations = 20
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'mnist1d'              # any tfds name prepared as array_record
@@ -39,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dim = 64
   c.model.num_heads = 4
   c.model.mlp_dim = 128                # dense FFN hidden width
+  c.model.ffn_bias = True              # dense FFN biases (experts have none; see upcycle)
   c.model.dropout = 0.0
   c.model.pool = 'mean'                # mean | cls
   c.model.num_classes = 10

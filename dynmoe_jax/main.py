@@ -101,10 +101,10 @@ def main(argv):
   setup_logging()
   initialize_distributed()
   import jax
-  from dynmoe_jax import checkpointing, config_lib, train
+  from dynmoe_jax import checkpointing, config_lib, train, upcycle
   from dynmoe_jax.data import pipeline
   user_errors = (config_lib.ConfigError, checkpointing.ModelMismatchError,
-                 pipeline.DatasetNotFoundError, pipeline.SplitError)
+                 pipeline.DatasetNotFoundError, pipeline.SplitError, upcycle.UpcycleError)
   try:
     result = train.train_and_evaluate(config, _WORKDIR.value)
   except user_errors as e:

@@ -53,6 +53,10 @@ class RouterSpec:
   # The loss term whose weight a compute budget (target_experts_per_token) controls;
   # None: the router takes no budget.
   budget_loss: Optional[str] = None
+  # Upcycling from a dense model: (fresh router params, the dense FFN inputs [N, D], the
+  # target experts per token, kmeans(inputs, num_clusters) -> unit centroids) -> router
+  # params set from data. None: the fresh (small random) init is kept.
+  upcycle_router: Optional[Callable[..., Dict[str, np.ndarray]]] = None
 
 
 def _param(module: nn.Module, name, init, shape, axes):
@@ -89,6 +93,22 @@ def _new_top_any(kept, direction, keep):
   del keep
   return {'gate_embeddings': direction[None, :].astype(kept['gate_embeddings'].dtype),
           'thresholds': np.zeros((1,), kept['thresholds'].dtype)}
+
+
+def _upcycle_top_any(fresh, inputs, target_k, kmeans):
+  """Gate embeddings at the k-means centroids of the inputs' directions; one threshold
+  for all experts, the cosine above which the (token, expert) pairs of the inputs are a
+  target_k / E fraction, so that tokens activate target_k experts on average."""
+  num_experts = fresh['gate_embeddings'].shape[0]
+  centroids = kmeans(inputs, num_experts)
+  unit = inputs / np.maximum(np.linalg.norm(inputs, axis=-1, keepdims=True), 1e-12)
+  cosine = unit @ centroids.T
+  # Active iff cosine > threshold (top-any compares sigmoid(scale·cos) with
+  # sigmoid(scale·threshold)); -1.01 keeps every expert active at target_k = E.
+  threshold = (np.quantile(cosine, 1.0 - target_k / num_experts) if target_k < num_experts
+               else -1.01)
+  return {'gate_embeddings': centroids.astype(fresh['gate_embeddings'].dtype),
+          'thresholds': np.full((num_experts,), threshold, fresh['thresholds'].dtype)}
 
 
 # ----------------------------------------------------------------------------- logit routers
@@ -178,6 +198,7 @@ REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
                expected_k=lambda s: (s.target_experts_per_token or
                                      (s.k if s.expected_k is None else s.expected_k)),
                new_expert_params=_new_top_any, budget_loss='efficiency',
+               upcycle_router=_upcycle_top_any,
                # max_k bounds the pair list (T·max_k, not T·E); pairs past it are dropped
                # and counted, like capacity drops
                pairs_per_token=lambda s: s.max_k),

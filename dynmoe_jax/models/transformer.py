@@ -98,6 +98,7 @@ class Block(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  ffn_bias: bool = True  # dense FFN biases (experts have none: upcycling needs False)
 
   @nn.compact
   def __call__(self, x, attention_mask, training: bool, token_mask=None, loss_weights=None):
@@ -115,8 +116,10 @@ class Block(nn.Module):
       h, aux = moe(h, training=training, token_importance=importance, token_mask=token_mask,
                    loss_weights=loss_weights)
     else:
-      h = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, self.param_dtype, 'wi')(h)
-      h = dense(x.shape[-1], ('mlp', 'embed'), self.dtype, self.param_dtype, 'wo')(nn.gelu(h))
+      h = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, self.param_dtype, 'wi',
+                use_bias=self.ffn_bias)(h)
+      h = dense(x.shape[-1], ('mlp', 'embed'), self.dtype, self.param_dtype, 'wo',
+                use_bias=self.ffn_bias)(nn.gelu(h))
     return x + nn.Dropout(self.dropout)(h, deterministic=not training), aux
 
 
@@ -180,6 +183,7 @@ class MoETransformer(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  ffn_bias: bool = True
 
   @nn.compact
   def __call__(self, inputs, training: bool = False, example_mask=None, moe_loss_weights=None):
@@ -216,7 +220,7 @@ class MoETransformer(nn.Module):
     for i, num_experts in enumerate(self.experts_per_layer):
       moe = self.moe if planned[i] is None else {**self.moe, 'planned_capacity': planned[i]}
       block = Block(self.num_heads, self.mlp_dim, num_experts, moe, self.dropout,
-                    self.dtype, self.param_dtype, name=names.layer_name(i))
+                    self.dtype, self.param_dtype, self.ffn_bias, name=names.layer_name(i))
       x, aux = block(x, attention_mask, training, token_mask,
                      (moe_loss_weights or {}).get(names.layer_name(i)))
       if aux is not None:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynmoe_jax import checkpointing, config_lib, names, plots, sharding
+from dynmoe_jax import checkpointing, config_lib, names, plots, routers, sharding, upcycle
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
@@ -119,7 +119,39 @@ class Trainer:
           f'deleted, to {self.workdir}/unreadable_checkpoints); starting at step 0 would '
           'overwrite this run. Use a new --workdir to start over.')
     self.compiled = self.compile(self.layout)
-    return compiled_lib.init_state(self.compiled, self.mesh, self.config.seed)
+    state = compiled_lib.init_state(self.compiled, self.mesh, self.config.seed)
+    if self.config.init_from:
+      state = self._upcycled(state)
+    return state
+
+  def _upcycled(self, state: TrainState) -> TrainState:
+    """The fresh state with its params upcycled from the dense run in config.init_from
+    (fresh optimizer state, step 0)."""
+    config, u = self.config, self.config.upcycle
+    start = time.perf_counter()
+    dense = upcycle.dense_config(config.init_from, config)
+    sample = steps.model_inputs({k: v[:1] for k, v in self.example_batch.items()},
+                                config.model.task)
+    dense_model, dense_params, dense_step = upcycle.restore_dense_params(
+        config.init_from, dense, sample)
+    inputs = None
+    if routers.get(config.model.moe.router).upcycle_router is not None:
+      # Global batches (process 0 of 1): every process computes the same gates.
+      stream = pipeline.TrainStream(self.train_source, self.preprocess, config.batch_size,
+                                    config.seed, 0, 1)
+      inputs = upcycle.router_inputs(
+          dense_model, dense_params,
+          (steps.model_inputs(stream.batch(i), config.model.task)
+           for i in range(u.kmeans_batches)),
+          names.moe_layer_names(self.layout.experts))
+    params = upcycle.upcycle_params(
+        dense_params, jax.device_get(state.params), moe_settings=config_lib.moe_kwargs(config),
+        router_inputs=inputs, partition=u.partition, noise=u.noise, seed=config.seed,
+        kmeans_iterations=u.kmeans_iterations)
+    log.info('upcycled from %s (dense step %d) in %.1fs: every expert a copy of its block\'s '
+             'FFN%s', config.init_from, dense_step, time.perf_counter() - start,
+             f' (+ noise {u.noise})' if u.noise else '')
+    return state.replace(params=jax.device_put(params, self.compiled.shardings.params))
 
   def close(self):
     """Release the checkpointer (a trainer used only to restore, e.g. for analysis)."""
@@ -213,6 +245,9 @@ class Trainer:
       # A resumed run's TensorBoard steps after its checkpoint replace the old ones.
       self.metrics.open(purge_step=step + 1 if step else None)
       self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
+      if step == 0 and config.init_from and self.metrics.last_row('eval').get('step') != 0:
+        # The upcycled starting point, on record before any training.
+        self.metrics.write({'split': 'eval', 'step': 0, **self.evaluate(state)})
       from tqdm import tqdm
       bar = tqdm(total=config.num_train_steps, initial=step, dynamic_ncols=True,
                  disable=not (config.progress_bar and self.is_main), desc='train')
