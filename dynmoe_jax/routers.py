@@ -96,12 +96,20 @@ def _new_top_any(kept, direction, keep):
 
 
 def _upcycle_top_any(fresh, inputs, target_k, kmeans):
-  """Gate embeddings at the k-means centroids of the inputs' directions; one threshold
-  for all experts, the cosine above which the (token, expert) pairs of the inputs are a
-  target_k / E fraction, so that tokens activate target_k experts on average."""
+  """Gate embeddings at the k-means centroids of the directions in which the inputs
+  differ from their mean direction; one threshold for all experts, the cosine above
+  which the (token, expert) pairs of the inputs are a target_k / E fraction, so that
+  tokens activate target_k experts on average.
+
+  Why centred: a block's normalised inputs share a large common direction, so their
+  cosines with centroids of the raw directions crowd into a narrow band around the
+  threshold, and the first few updates (Adam moves every gate coordinate by about the
+  learning rate) tip most tokens below it. Centroids of the deviations are nearly
+  orthogonal to the common direction and to each other (what the diversity loss asks
+  for), and the cosines spread out."""
   num_experts = fresh['gate_embeddings'].shape[0]
-  centroids = kmeans(inputs, num_experts)
   unit = inputs / np.maximum(np.linalg.norm(inputs, axis=-1, keepdims=True), 1e-12)
+  centroids = kmeans(unit - unit.mean(0), num_experts)
   cosine = unit @ centroids.T
   # Active iff cosine > threshold (top-any compares sigmoid(scale·cos) with
   # sigmoid(scale·threshold)); -1.01 keeps every expert active at target_k = E.
