@@ -23,6 +23,41 @@ import jax.numpy as jnp
 from dynmoe_jax import dispatch as dispatch_lib
 from dynmoe_jax import expert_parallel, routing, sharding
 
+def _tokamax():
+  try:
+    import tokamax  # optional: pip install .[gpu] / .[tpu]
+    return tokamax
+  except ImportError:
+    return None
+
+
+def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """Grouped matmul [N, K] x [G, K, M] -> [N, M] over contiguous row groups.
+
+  On GPU and TPU through `tokamax.ragged_dot` (Mosaic GPU / Triton and Pallas kernels)
+  where tokamax is installed; elsewhere `jax.lax.ragged_dot`. On GPU without tokamax,
+  the trainer turns on `jax_ragged_dot_use_gpu_pallas_triton_lowering` (see
+  `use_fast_ragged_dot`): without a kernel XLA expands ragged_dot into a dense dot that
+  does G times the work.
+  """
+  tokamax = _tokamax() if jax.default_backend() in ('gpu', 'tpu') else None
+  if tokamax is not None:
+    return tokamax.ragged_dot(lhs, rhs, group_sizes=group_sizes)
+  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def use_fast_ragged_dot() -> str:
+  """Which grouped-matmul lowering `ragged_dot` gets on this backend; on GPU without
+  tokamax, switches JAX to its Pallas/Triton lowering. Returns a one-line description."""
+  backend = jax.default_backend()
+  if backend in ('gpu', 'tpu') and _tokamax() is not None:
+    return f'tokamax.ragged_dot ({backend})'
+  if backend == 'gpu':
+    jax.config.update('jax_ragged_dot_use_gpu_pallas_triton_lowering', True)
+    return 'jax.lax.ragged_dot with the Pallas/Triton GPU lowering'
+  return f'jax.lax.ragged_dot (XLA, {backend})'
+
+
 # Logical names of the dispatched activations, so GSPMD places each expert's
 # buffer on the device that owns the expert (the all-to-all).
 DISPATCHED_AXES = ('expert', 'expert_capacity', 'embed')
@@ -63,10 +98,10 @@ class ExpertFFN:
 
   def on_sorted(self, sorted_inputs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """[N, D] pairs sorted by expert, group_sizes [E] -> [N, D]."""
-    h = self.activation(jax.lax.ragged_dot(sorted_inputs, self.wi, group_sizes))
+    h = self.activation(ragged_dot(sorted_inputs, self.wi, group_sizes))
     if self.wi_gate is not None:
-      h = h * jax.lax.ragged_dot(sorted_inputs, self.wi_gate, group_sizes)
-    return jax.lax.ragged_dot(h, self.wo, group_sizes)
+      h = h * ragged_dot(sorted_inputs, self.wi_gate, group_sizes)
+    return ragged_dot(h, self.wo, group_sizes)
 
 
 @dataclasses.dataclass(frozen=True)

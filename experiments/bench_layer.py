@@ -5,6 +5,8 @@ steps after a compile-and-warm-up call:
   * dense:  FFN with hidden 2F (the activated FLOPs of a top-2 MoE, no routing)
   * top_k:  MoE, k=2, each dispatch impl (sort, einsum, ragged)
   * top_any: DynMoE gating with thresholds set so about 2 experts are active
+  * top_any~1.3/sort/planned: thresholds for about 1.3 experts, capacity planned from this
+    batch's routing as `adaptive.capacity` plans it (busiest expert x 1.1 headroom)
   * naive:  every expert on every token, masked by the router (dispatch_impl='all_experts_reference')
 
 Prints a table, writes JSON and a PNG. Timings on a shared CPU are noisy: read
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import common
-from dynmoe_jax import layers, routing
+from dynmoe_jax import adaptive, layers, routing
 
 
 class DenseFFN(nn.Module):
@@ -44,6 +46,23 @@ def tune_top_any_thresholds(params, x, target_active):
   num_experts = cos.shape[1]
   q = 1.0 - target_active / num_experts
   return jnp.quantile(cos, q, axis=0)
+
+
+def planned_top_any(num_experts, hidden, x, rng, target_active):
+  """A top-any layer at about `target_active` experts per token whose capacity is
+  planned from its own routing of `x`, as `adaptive.capacity` plans it from a window."""
+  module = layers.MoE(num_experts=num_experts, hidden_dim=hidden, router='top_any',
+                      capacity_factor=1.25, expected_k=target_active)
+  variables = nn.meta.unbox(module.init(rng, x))
+  params = dict(variables['params'])
+  params['thresholds'] = tune_top_any_thresholds(params, x, target_active)
+  _, aux = module.apply({'params': params}, x, training=True)
+  window = adaptive.RecordAccumulator.empty(num_experts, x.shape[-1])
+  window.add(jax.device_get(aux.record))
+  rule = adaptive.CapacityRule(quantile=1.0, headroom=1.1, max_dropped=0.01, tolerance=0.0,
+                               multiple_of=module.capacity_multiple_of)
+  planned = adaptive.planned_capacity(window, range(num_experts), rule, current=0)
+  return module.clone(planned_capacity=planned), {'params': params}
 
 
 def make_step(module):
@@ -88,6 +107,8 @@ def main():
   parser.add_argument('--impls', nargs='+', default=['sort', 'einsum', 'ragged'])
   parser.add_argument('--naive_max_experts', type=int, default=64,
                       help='run the naive all-experts MoE only up to this many experts')
+  parser.add_argument('--planned_active', type=float, default=1.3,
+                      help='experts per token of the planned-capacity top-any case (0: skip)')
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--out', default='experiments/results/bench_layer')
   args = parser.parse_args()
@@ -118,6 +139,18 @@ def main():
       print(f'E={num_experts:3d} {name:22s} {seconds * 1e3:9.1f} ms  {seconds / dense_s:6.2f}x '
             f'dense  active={metrics["active_experts"]:.2f} '
             f'dropped={metrics["dropped_fraction"]:.3f}', flush=True)
+    if args.planned_active and 'sort' in args.impls:
+      name = f'top_any~{args.planned_active:g}/sort/planned'
+      module, variables = planned_top_any(num_experts, args.hidden, x, rng, args.planned_active)
+      seconds, compile_s, metrics = time_step(make_step(module), (variables, x, cotangent),
+                                              args.reps)
+      rows.append(dict(name=name, experts=num_experts, seconds=seconds, compile_s=compile_s,
+                       vs_dense=seconds / dense_s, capacity=module.planned_capacity[0],
+                       **metrics))
+      print(f'E={num_experts:3d} {name:22s} {seconds * 1e3:9.1f} ms  {seconds / dense_s:6.2f}x '
+            f'dense  active={metrics["active_experts"]:.2f} '
+            f'dropped={metrics["dropped_fraction"]:.3f} capacity={module.planned_capacity[0]}',
+            flush=True)
 
   summary = summarize(rows, args.experts)
   report = dict(config=vars(args), device=str(jax.devices()[0]), backend=jax.default_backend(),
@@ -146,6 +179,10 @@ def summarize(rows, experts):
         out[f'{name} E={hi} / E={lo}'] = get(name, hi) / get(name, lo)
       if 32 in experts and get('naive_all_experts', 32) and get(name, 32):
         out[f'naive E=32 / {name}'] = get('naive_all_experts', 32) / get(name, 32)
+  for r in rows:
+    if r['name'].endswith('/planned') and get('top_k2/sort', r['experts']):
+      out[f"{r['name']} E={r['experts']} / top_k2/sort"] = (
+          r['seconds'] / get('top_k2/sort', r['experts']))
   return out
 
 

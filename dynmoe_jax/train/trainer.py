@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynmoe_jax import checkpointing, config_lib, names, plots, routers, sharding, upcycle
+from dynmoe_jax import (checkpointing, config_lib, experts, names, plots, routers, sharding,
+                        upcycle)
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
@@ -56,6 +57,8 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
     self.tx = config_lib.build_optimizer(config)
+    if config.model.moe.dispatch_impl == 'ragged':
+      log.info('ragged dispatch: %s', experts.use_fast_ragged_dot())
     self.on_step = on_step  # test hook: called with (trainer, step) after every step
     self._stop_requested = False
     self.compiled: Optional[compiled_lib.Compiled] = None
