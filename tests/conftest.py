@@ -41,6 +41,21 @@ def load_config(name: str, *args):
   return config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'), *args)
 
 
+def killed_and_resumed(config, workdir: str, kill_after: int):
+  """Train in `workdir`, kill the run after step `kill_after` (an exception from the
+  step hook, as a crash would), then resume it to the end: (resumed trainer, result)."""
+  from dynmoe_jax import train
+
+  def crash(trainer, step):
+    if step == kill_after:
+      raise RuntimeError('simulated kill')
+
+  with pytest.raises(RuntimeError, match='simulated kill'):
+    train.Trainer(config, workdir, on_step=crash).run()
+  again = train.Trainer(config, workdir)
+  return again, again.run()
+
+
 @pytest.fixture
 def tiny_config():
   return load_config('tiny')

@@ -12,7 +12,7 @@ import pytest
 
 from dynmoe_jax import adaptive, layers, routers, routing, train
 from dynmoe_jax.layout import Layout
-from tests.conftest import load_config
+from tests.conftest import killed_and_resumed, load_config
 
 E, D, F, T = 4, 8, 16, 64
 
@@ -229,14 +229,8 @@ def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
   assert result['experts_per_layer'][1] == events[-1]['experts_after'] != 2
   assert os.path.exists(tmp_path / 'straight' / 'plots' / 'experts_per_layer.png')
 
-  def crash(trainer, step):
-    if step == 19:  # resumes from 18: records complete, the next layout not yet compiled
-      raise RuntimeError('simulated kill')
-
-  with pytest.raises(RuntimeError, match='simulated kill'):
-    train.Trainer(config, str(tmp_path / 'resumed'), on_step=crash).run()
-  again = train.Trainer(config, str(tmp_path / 'resumed'))
-  again_result = again.run()
+  # Resumes from 18: records complete, the next layout not yet compiled.
+  again, again_result = killed_and_resumed(config, str(tmp_path / 'resumed'), 19)
   assert again_result['experts_per_layer'] == result['experts_per_layer']
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
   resumed_events = [json.loads(l) for l in open(tmp_path / 'resumed' / 'adaptation.jsonl')]
@@ -291,14 +285,7 @@ def test_trainer_replans_capacity_logs_and_resumes_exactly(tmp_path):
   meta = json.load(open(tmp_path / 'straight' / 'checkpoints' / '30' / 'meta' / 'metadata'))
   assert meta['capacity_per_layer'] == [0, events[-1]['capacity_after']]
 
-  def crash(trainer, step):
-    if step == 19:
-      raise RuntimeError('simulated kill')
-
-  with pytest.raises(RuntimeError, match='simulated kill'):
-    train.Trainer(config, str(tmp_path / 'resumed'), on_step=crash).run()
-  again = train.Trainer(config, str(tmp_path / 'resumed'))
-  again_result = again.run()
+  again, again_result = killed_and_resumed(config, str(tmp_path / 'resumed'), 19)
   assert again_result['capacity_per_layer'] == meta['capacity_per_layer']
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
   strip = lambda es: [{k: v for k, v in e.items() if not k.endswith('seconds')} for e in es]
