@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.glu = False
   c.model.moe.normalize_top_k = True
   c.model.moe.top_any_scale = 1.0
+  c.model.moe.top_any_differentiable_normalization = False  # True: the reference's Tutel variant
   c.model.moe.diversity_weight = 0.01
   c.model.moe.simplicity_weight = 0.01
   c.model.moe.load_balance_weight = 0.01  # top-any too: over tokens with an expert

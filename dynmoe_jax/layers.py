@@ -84,6 +84,9 @@ class MoE(nn.Module):
     param_dtype: parameter dtype.
     normalize_top_k: renormalise top-k weights to sum to 1.
     top_any_scale: temperature of top-any's cosine scores.
+    top_any_differentiable_normalization: combine weights 1/K with the gradient of the
+      normalisation (the reference's Tutel variant); False: K a constant (its DeepSpeed
+      variant). Forward values are the same.
     target_experts_per_token: a compute budget (routers whose spec has a budget_loss):
       capacity is sized for it, and the trainer adapts that loss's weight every step
       (multiplied or divided by budget_rate) so the mean experts per token meets it.
@@ -112,6 +115,7 @@ class MoE(nn.Module):
   param_dtype: Any = jnp.float32
   normalize_top_k: bool = True
   top_any_scale: float = 1.0
+  top_any_differentiable_normalization: bool = False
   diversity_weight: float = 0.01
   simplicity_weight: float = 0.01
   load_balance_weight: float = 0.01

@@ -73,7 +73,8 @@ def _route_top_any(module, tokens, training, token_importance):
                            (num_experts, width), ('expert', 'embed'))
   thresholds = _param(module, 'thresholds', nn.initializers.zeros, (num_experts,), ('expert',))
   out = routing.top_any(tokens, gate_embeddings, thresholds, scale=module.top_any_scale,
-                        training=training)
+                        training=training,
+                        differentiable_normalization=module.top_any_differentiable_normalization)
   return out, None, {'gate_embeddings': gate_embeddings, 'thresholds': thresholds}
 
 

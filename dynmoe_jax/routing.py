@@ -133,14 +133,18 @@ def cosine_similarity(tokens: jax.Array, gate_embeddings: jax.Array) -> jax.Arra
 
 
 def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array, *,
-            scale: float = 1.0, training: bool = True) -> RouterOutput:
+            scale: float = 1.0, training: bool = True,
+            differentiable_normalization: bool = False) -> RouterOutput:
   """DynMoE top-any gating (arXiv 2405.14297, official code).
 
   s = sigmoid(scale * cos(x_t, W_e)), t_e = sigmoid(scale * G_e); expert e is
   active for token t iff s > t_e. The gate value relu(s - t) goes through a
   straight-through sign: forward 1 where active, backward d relu(s - t). Combine
   weights are uniform over the K_t active experts (gate / max(K_t, 1)), with K_t a
-  constant for the gradient, as in the reference's DeepSpeed variant.
+  constant for the gradient, as in the reference's DeepSpeed variant;
+  `differentiable_normalization=True` divides by the sum of the straight-through gates
+  instead, as its Tutel variant does: the same forward values (that sum is K_t), with the
+  gradient of the normalisation.
 
   In training a token may activate no expert: it gets zero MoE output (the
   residual carries it) and `num_active == 0` records it. In evaluation such a
@@ -166,7 +170,9 @@ def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array
   mask = gate > 0
   gate_st = gate + jax.lax.stop_gradient(jnp.sign(gate) - gate)
   num_active = mask.sum(axis=-1, keepdims=True)
-  weights = gate_st / jnp.maximum(num_active, 1).astype(gate_st.dtype)
+  denominator = (gate_st.sum(axis=-1, keepdims=True) if differentiable_normalization
+                 else num_active.astype(gate_st.dtype))
+  weights = gate_st / jnp.maximum(denominator, 1)
   if not training:
     fallback = jax.nn.one_hot(jnp.argmax(scores, axis=-1), num_experts, dtype=jnp.bool_)
     unrouted = num_active == 0

@@ -187,6 +187,34 @@ class TopAnyTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, want, atol=1e-6)
     assert float(jnp.abs(got[1]).sum()) > 0, 'thresholds must receive gradient'
 
+  def test_differentiable_normalization_changes_gradients_not_values(self):
+    # The Tutel variant: weights = g_st / sum(g_st), whose forward value is g_st / K.
+    rng = np.random.RandomState(1)
+    tokens = jnp.asarray(rng.randn(32, 8), jnp.float32)
+    gates = jnp.asarray(rng.randn(4, 8), jnp.float32)
+    thresholds = jnp.asarray(rng.randn(4) * 0.1, jnp.float32)
+    cot = jnp.asarray(rng.randn(32, 4), jnp.float32)
+    route = lambda g, th, d: routing.top_any(tokens, g, th, scale=2.0,
+                                             differentiable_normalization=d)
+    chex.assert_trees_all_close(route(gates, thresholds, True).weights,
+                                route(gates, thresholds, False).weights, atol=1e-7)
+
+    def via_router(g, th):
+      return jnp.sum(route(g, th, True).weights * cot)
+
+    def expected(g, th):  # straight-through gates, then the differentiable normalisation
+      s = jax.nn.sigmoid(2.0 * routing.cosine_similarity(tokens, g))
+      gate = jax.nn.relu(s - jax.nn.sigmoid(2.0 * th))
+      st = gate + jax.lax.stop_gradient(jnp.sign(gate) - gate)
+      return jnp.sum(st / jnp.maximum(st.sum(-1, keepdims=True), 1) * cot)
+
+    got = jax.grad(via_router, argnums=(0, 1))(gates, thresholds)
+    chex.assert_trees_all_close(got, jax.grad(expected, argnums=(0, 1))(gates, thresholds),
+                                atol=1e-6)
+    constant_k = jax.grad(lambda g, th: jnp.sum(route(g, th, False).weights * cot),
+                          argnums=(0, 1))(gates, thresholds)
+    assert not np.allclose(got[1], constant_k[1])
+
   def test_bf16_inputs_route_in_float32(self):
     rng = np.random.RandomState(0)
     tokens = jnp.asarray(rng.randn(16, 8), jnp.bfloat16)
