@@ -16,8 +16,9 @@ import optax
 from dynmoe_jax import layers, routers, sharding
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
-from dynmoe_jax.models import transformer
+from dynmoe_jax.models import decoder, transformer
 
+ARCHS = ('transformer', 'decoder')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Keys of config.model.moe that are layout, not MoE module fields.
 LAYOUT_KEYS = ('num_experts', 'num_experts_per_layer')
@@ -55,15 +56,24 @@ def moe_kwargs(config) -> Dict[str, Any]:
   return {k: v for k, v in config.model.moe.items() if k not in LAYOUT_KEYS}
 
 
-def build_model(config, layout: Union[None, Layout, Sequence[int]] = None
-                ) -> transformer.MoETransformer:
-  """The model of `layout` (a Layout, or experts per block; None: the config's)."""
+def build_model(config, layout: Union[None, Layout, Sequence[int]] = None):
+  """The model of `layout` (a Layout, or experts per block; None: the config's): a
+  `transformer.MoETransformer` or, for model.arch='decoder', a `decoder.DecoderLM`."""
   m = config.model
   layout = Layout.of(layout or experts_layout(config))
+  planned = tuple(layout.planned_capacity(i) for i in range(len(layout.experts)))
+  if m.arch == 'decoder':
+    return decoder.DecoderLM(
+        num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+        experts_per_layer=layout.experts, moe=moe_kwargs(config), planned_capacity=planned,
+        vocab_size=m.vocab_size, shared_expert=m.shared_expert,
+        tie_embeddings=m.tie_embeddings, rope_base=m.rope_base, remat=m.remat,
+        attention_impl=m.attention_impl, dtype=DTYPES[m.dtype],
+        param_dtype=DTYPES[m.param_dtype])
   return transformer.MoETransformer(
       task=m.task, stem=m.stem, num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads,
       mlp_dim=m.mlp_dim, experts_per_layer=layout.experts,
-      planned_capacity=tuple(layout.planned_capacity(i) for i in range(len(layout.experts))),
+      planned_capacity=planned,
       moe=moe_kwargs(config), num_classes=m.num_classes, vocab_size=m.vocab_size,
       max_len=m.max_len, pool=m.pool, stem_kernel=m.stem_kernel, stem_stride=m.stem_stride,
       dropout=m.dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
@@ -116,6 +126,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   positive_int('data.augment_shift', d.augment_shift, allow_zero=True)
 
   m = config.model
+  one_of('model.arch', m.arch, ARCHS)
   one_of('model.task', m.task, transformer.TASKS)
   one_of('model.stem', m.stem, transformer.STEMS)
   one_of('model.pool', m.pool, transformer.POOLS)
@@ -128,6 +139,17 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.num_heads', m.num_heads, f'must divide model.dim={m.dim}')
   if not 0.0 <= m.dropout < 1.0:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
+  if m.arch == 'decoder':
+    if m.task != 'lm':
+      _fail('model.arch', m.arch, f"'decoder' is a causal LM: needs model.task='lm'")
+    one_of('model.remat', m.remat, tuple(decoder.REMAT_POLICIES))
+    one_of('model.attention_impl', m.attention_impl, (None, 'xla', 'cudnn'))
+    if (m.dim // m.num_heads) % 2:
+      _fail('model.num_heads', m.num_heads, f'must give an even head width (model.dim='
+            f'{m.dim}): rotary embeddings rotate channel pairs')
+    if routers.get(m.moe.router).needs_token_importance:
+      _fail('model.moe.router', m.moe.router, "reads attention probabilities, which the "
+            "decoder's fused attention does not produce: use model.arch='transformer'")
   if (m.task == 'lm') != (d.kind == 'lm'):
     _fail('model.task', m.task, f"'lm' goes with data.kind='lm' (data.kind={d.kind!r})")
 

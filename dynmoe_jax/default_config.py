@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment_shift = 0             # signals: random shift by up to this many samples
 
   c.model = ml_collections.ConfigDict()
+  c.model.arch = 'transformer'         # transformer (pre-LN, any task) | decoder (LM only)
   c.model.task = 'classify'            # classify | lm
   c.model.stem = 'conv1d'              # conv1d | patch | embed
   c.model.stem_kernel = 5
@@ -56,6 +57,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_len = 64
   c.model.dtype = 'float32'
   c.model.param_dtype = 'float32'
+  # model.arch='decoder' (models/decoder.py): RMSNorm, rotary embeddings, SwiGLU FFNs
+  # (set model.moe.glu=True, model.moe.activation='silu' for SwiGLU experts), fused causal
+  # attention, an optional always-on shared expert, tied embeddings, a remat policy.
+  c.model.rope_base = 10000.0
+  c.model.tie_embeddings = True
+  c.model.shared_expert = False
+  c.model.remat = 'none'               # none | full | dots
+  c.model.attention_impl = placeholder(str)  # xla | cudnn | None: JAX picks
   c.model.moe_layers = 'every_other'   # all | every_other | none
   c.model.moe_layer_indices = ()       # explicit block indices; overrides moe_layers
 

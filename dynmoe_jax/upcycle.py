@@ -38,7 +38,7 @@ from dynmoe_jax.train import compat
 from dynmoe_jax.train import state as state_lib
 
 # Fields that make a dense checkpoint fit an MoE config: everything but the FFNs.
-MATCHING_FIELDS = ('model.task', 'model.stem', 'model.num_layers', 'model.dim',
+MATCHING_FIELDS = ('model.arch', 'model.task', 'model.stem', 'model.num_layers', 'model.dim',
                    'model.num_heads', 'model.num_classes', 'model.vocab_size', 'model.max_len',
                    'model.pool', 'model.stem_kernel', 'model.stem_stride', 'model.param_dtype',
                    'model.ffn_bias', 'data.kind')
@@ -208,6 +208,9 @@ def dense_config(workdir: str, config) -> ml_collections.ConfigDict:
   if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
     raise UpcycleError(f'config.init_from={workdir!r} holds no checkpoint (expected '
                        f'{checkpoints}/<step>)')
+  if config.model.arch != 'transformer':
+    raise UpcycleError(f"config.init_from: upcycling supports model.arch='transformer' so far, "
+                       f'not {config.model.arch!r}')
   saved = compat.saved_config(workdir)
   dense = ml_collections.ConfigDict(saved)
   layout = config_lib.experts_layout(dense)

@@ -1,0 +1,192 @@
+"""A decoder-only LM of the current kind, with MoE FFN blocks: RMSNorm, rotary position
+embeddings, gated (SwiGLU) FFNs and experts, causal attention through
+`jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere), an
+optional always-on shared expert, tied embeddings and a remat policy.
+
+Shape letters: B batch, S sequence, D width, H heads, K head width. The call
+signature and outputs are those of `transformer.MoETransformer` (task 'lm'), so the
+train and eval steps, adaptive experts, capacity re-planning and upcycling work on
+either. Padding (byte 0) is trailing, so the causal mask alone keeps every real token
+from seeing it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dynmoe_jax import layers, names, routers
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x²) + eps) · scale, computed in float32."""
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (RoFormer, arXiv 2104.09864), halves layout: channel i and
+  i + K/2 of each head rotate by positions · base^(-2i/K). x [B, S, H, K], positions [S]."""
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]    # [S, K/2]
+  cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _kernel(module, name, shape, axes, in_axis, out_axis):
+  init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=in_axis,
+                                          out_axis=out_axis)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      module.param_dtype).astype(module.dtype)
+
+
+class CausalAttention(nn.Module):
+  num_heads: int
+  rope_base: float = 10000.0
+  implementation: Optional[str] = None  # 'xla' | 'cudnn' | None (JAX picks)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads or (width // self.num_heads) % 2:
+      raise ValueError(f'model.dim={width} / model.num_heads={self.num_heads} must be an even '
+                       'head width (rotary embeddings rotate channel pairs)')
+    head = width // self.num_heads
+    positions = jnp.arange(x.shape[1])
+    project = lambda name: jnp.einsum('bsd,dhk->bshk', x, _kernel(
+        self, name, (width, self.num_heads, head), ('embed', 'heads', 'kv'), 0, (1, 2)))
+    q = rotary(project('query'), positions, self.rope_base)
+    k = rotary(project('key'), positions, self.rope_base)
+    v = project('value')
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       implementation=self.implementation)
+    w_out = _kernel(self, 'out', (self.num_heads, head, width), ('heads', 'kv', 'embed'),
+                    (0, 1), 2)
+    return jnp.einsum('bshk,hkd->bsd', out, w_out)
+
+
+class GatedFFN(nn.Module):
+  """SwiGLU: (silu(x·wi) * (x·wi_gate))·wo."""
+  hidden_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    wi = _kernel(self, 'wi', (width, self.hidden_dim), ('embed', 'mlp'), 0, 1)
+    gate = _kernel(self, 'wi_gate', (width, self.hidden_dim), ('embed', 'mlp'), 0, 1)
+    wo = _kernel(self, 'wo', (self.hidden_dim, width), ('mlp', 'embed'), 0, 1)
+    return (nn.silu(x @ wi) * (x @ gate)) @ wo
+
+
+class DecoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  num_experts: int  # 0 = dense FFN
+  moe: Mapping[str, Any]
+  shared_expert: bool = False
+  rope_base: float = 10000.0
+  attention_impl: Optional[str] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, training: bool, token_mask=None, loss_weights=None):
+    norm = lambda name: RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = x + CausalAttention(self.num_heads, self.rope_base, self.attention_impl, self.dtype,
+                            self.param_dtype, name='attention')(norm('norm_attention')(x))
+    h = norm('norm_ffn')(x)
+    aux = None
+    if self.num_experts:
+      moe = layers.MoE(num_experts=self.num_experts, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='moe', **dict(self.moe))
+      y, aux = moe(h, training=training, token_mask=token_mask, loss_weights=loss_weights)
+      if self.shared_expert:
+        y = y + GatedFFN(moe.hidden_dim, self.dtype, self.param_dtype, name='shared_expert')(h)
+    else:
+      y = GatedFFN(self.mlp_dim, self.dtype, self.param_dtype, name='ffn')(h)
+    return x + y, aux
+
+
+class DecoderLM(nn.Module):
+  """Causal byte LM. Returns (logits [B, S, V], {'loss': summed auxiliary loss,
+  'moe': {'layer_<i>': MoEAux}}), as `transformer.MoETransformer` does."""
+  num_layers: int
+  dim: int
+  num_heads: int
+  mlp_dim: int
+  experts_per_layer: Tuple[int, ...]
+  moe: Mapping[str, Any]
+  planned_capacity: Tuple[Optional[Tuple[int, int]], ...] = ()
+  vocab_size: int = 257
+  shared_expert: bool = False
+  tie_embeddings: bool = True
+  rope_base: float = 10000.0
+  remat: str = 'none'
+  attention_impl: Optional[str] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  task: str = 'lm'
+  stem: str = 'embed'  # what upcycling reads to drop padding tokens
+
+  @nn.compact
+  def __call__(self, inputs, training: bool = False, example_mask=None, moe_loss_weights=None):
+    if len(self.experts_per_layer) != self.num_layers:
+      raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
+                       f'{self.num_layers} layers')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}')
+    if any(self.experts_per_layer) and routers.get(self.moe['router']).needs_token_importance:
+      raise ValueError(f"router {self.moe['router']!r} reads attention probabilities, which "
+                       "the decoder's fused attention does not produce; use model.arch="
+                       "'transformer'")
+    embed = nn.Embed(self.vocab_size, self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='embed', embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(1.0), ('vocab', 'embed')))
+    x = embed(inputs)
+    token_mask = inputs > 0
+    if example_mask is not None:
+      token_mask = token_mask & (example_mask > 0)[:, None]
+    block_type = DecoderBlock
+    if self.remat != 'none':
+      block_type = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.remat],
+                            static_argnums=(2,))
+    planned = self.planned_capacity or (None,) * self.num_layers
+    moe_aux: Dict[str, layers.MoEAux] = {}
+    for i, num_experts in enumerate(self.experts_per_layer):
+      moe = self.moe if planned[i] is None else {**self.moe, 'planned_capacity': planned[i]}
+      block = block_type(self.num_heads, self.mlp_dim, num_experts, moe, self.shared_expert,
+                         self.rope_base, self.attention_impl, self.dtype, self.param_dtype,
+                         name=names.layer_name(i))
+      x, aux = block(x, training, token_mask, (moe_loss_weights or {}).get(names.layer_name(i)))
+      if aux is not None:
+        moe_aux[names.layer_name(i)] = aux
+    x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm_final')(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x) / jnp.sqrt(self.dim).astype(x.dtype)
+    else:
+      logits = x @ _kernel(self, 'head', (self.dim, self.vocab_size), ('embed', 'vocab'), 0, 1)
+    total = sum((a.loss for a in moe_aux.values()), jnp.zeros((), jnp.float32))
+    return logits.astype(jnp.float32), {'loss': total, 'moe': moe_aux}
