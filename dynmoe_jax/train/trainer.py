@@ -24,7 +24,7 @@ from dynmoe_jax import (checkpointing, config_lib, experts, names, plots, router
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
-from dynmoe_jax.train import compat, metrics_log, steps
+from dynmoe_jax.train import compat, metrics_log, steps, throughput
 from dynmoe_jax.train.boundary import LayoutBoundary
 from dynmoe_jax.train.state import TrainState
 
@@ -217,6 +217,16 @@ class Trainer:
 
   # -- the loop ----------------------------------------------------------------------------
 
+  def _throughput(self, peak) -> Optional[throughput.LMThroughput]:
+    """Tokens/s and MFU for the train rows of the current layout (LMs only)."""
+    rates = (throughput.lm_throughput(self.config, self.compiled.layout.experts, peak)
+             if peak else None)
+    if rates is not None:
+      log.info('throughput: %d tokens per step, %.3g model FLOPs per token forward besides '
+               'the routed experts; MFU against %.3g FLOP/s (%s)', rates.tokens_per_step,
+               rates.forward_flops_per_token, rates.peak_flops, rates.peak_source)
+    return rates
+
   def run(self) -> Dict[str, Any]:
     """Train to config.num_train_steps (or until SIGTERM / Ctrl-C: then checkpoint the
     current step and return with status 'preempted')."""
@@ -248,6 +258,8 @@ class Trainer:
       # A resumed run's TensorBoard steps after its checkpoint replace the old ones.
       self.metrics.open(purge_step=step + 1 if step else None)
       self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
+      peak = throughput.device_peak_flops(jax.devices()) if config.model.task == 'lm' else None
+      rates = self._throughput(peak)
       if step == 0 and config.init_from and self.metrics.last_row('eval').get('step') != 0:
         # The upcycled starting point, on record before any training.
         self.metrics.write({'split': 'eval', 'step': 0, **self.evaluate(state)})
@@ -279,6 +291,8 @@ class Trainer:
         if log_every.fires(step, last) or at_boundary or checkpoint_every.fires(step, False):
           row = metrics_log.train_row(step, window, time.perf_counter() - window_start,
                                       config.model.task)
+          if rates is not None:
+            row.update(rates.row_fields(row))
           metrics_log.warn_dropped(row, self.compiled.layout.experts,
                                   config.dropped_fraction_warning)
           self.metrics.write(row)
@@ -294,6 +308,7 @@ class Trainer:
           state, self.compiled = self.boundary.apply(state, step, self.compiled)
           if self.compiled is not before:
             self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
+            rates = self._throughput(peak)
         if checkpoint_every.fires(step, last) or at_boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
         self.boundary.maybe_compile_ahead(step, self.compiled.layout)
@@ -327,6 +342,9 @@ def eval_rows(eval_batch_size: int, mesh, process_count: int) -> int:
 
 def postfix(row: Dict[str, Any]) -> Dict[str, str]:
   out = {'loss': f"{row['loss']:.3f}"}
+  if 'tokens_per_sec' in row:
+    out['tok/s'] = f"{row['tokens_per_sec']:.3g}"
+    out['mfu'] = f"{100 * row['mfu']:.1f}%"
   if 'accuracy' in row:
     out['acc'] = f"{row['accuracy']:.3f}"
   active = [v for k, v in row.items()
