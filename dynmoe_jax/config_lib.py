@@ -141,7 +141,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
   if m.arch == 'decoder':
     if m.task != 'lm':
-      _fail('model.arch', m.arch, f"'decoder' is a causal LM: needs model.task='lm'")
+      _fail('model.arch', m.arch, "'decoder' is a causal LM: needs model.task='lm'")
     one_of('model.remat', m.remat, tuple(decoder.REMAT_POLICIES))
     one_of('model.attention_impl', m.attention_impl, (None, 'xla', 'cudnn'))
     if (m.dim // m.num_heads) % 2:
