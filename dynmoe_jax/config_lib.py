@@ -68,7 +68,7 @@ def build_model(config, layout: Union[None, Layout, Sequence[int]] = None):
         experts_per_layer=layout.experts, moe=moe_kwargs(config), planned_capacity=planned,
         vocab_size=m.vocab_size, shared_expert=m.shared_expert,
         tie_embeddings=m.tie_embeddings, rope_base=m.rope_base, remat=m.remat,
-        attention_impl=m.attention_impl, dtype=DTYPES[m.dtype],
+        attention_impl=m.attention_impl, max_len=m.max_len, dtype=DTYPES[m.dtype],
         param_dtype=DTYPES[m.param_dtype])
   return transformer.MoETransformer(
       task=m.task, stem=m.stem, num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads,

@@ -31,11 +31,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from dynmoe_jax import config_lib, layers, routers, sharding
+from dynmoe_jax import config_lib, layers, routers
 from dynmoe_jax.train import compat
-from dynmoe_jax.train import state as state_lib
 
 # Fields that make a dense checkpoint fit an MoE config: everything but the FFNs.
 MATCHING_FIELDS = ('model.arch', 'model.task', 'model.stem', 'model.num_layers', 'model.dim',
@@ -224,23 +222,3 @@ def dense_config(workdir: str, config) -> ml_collections.ConfigDict:
                        'one: ' + ', '.join(f'{f} (dense: {flat_saved.get(f)!r}, now: '
                                           f'{flat_now.get(f)!r})' for f in differ))
   return dense
-
-
-def restore_dense_params(workdir: str, dense: ml_collections.ConfigDict, sample_inputs):
-  """(dense model, the newest checkpoint's params as host arrays, its step). Opens the
-  checkpoints read-only: nothing in `workdir` is written."""
-  model = config_lib.build_model(dense)
-  init = state_lib.make_init(model, config_lib.build_optimizer(dense), sample_inputs)
-  abstract = sharding.strip_boxes(jax.eval_shape(init, jax.random.PRNGKey(0)))
-  device = jax.local_devices()[0]
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-      s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    step = max(manager.all_steps())
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-  finally:
-    manager.close()
-  return model, jax.device_get(restored['state'].params), step

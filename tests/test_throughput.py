@@ -11,7 +11,7 @@ from tests.conftest import load_config
 def test_flops_per_token_by_hand():
   config = load_config('lm_tiny')  # 2 blocks of width 32, block 1 MoE, seq_len 32, V 257
   rates = throughput.lm_throughput(config, (0, 4), (1e9, 'test'))
-  s, d = 31, 32
+  s, d = 32, 32
   attention = 8 * d * d + 4 * s * d
   dense_ffn = 2 * d * config.model.mlp_dim * 2
   assert rates.forward_flops_per_token == 2 * attention + dense_ffn + 2 * d * 257

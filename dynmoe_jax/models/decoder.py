@@ -60,11 +60,16 @@ def _kernel(module, name, shape, axes, in_axis, out_axis):
 
 
 class CausalAttention(nn.Module):
+  """Causal self-attention with rotary embeddings. decode=True keeps keys and values of
+  the positions seen so far in the 'cache' collection (cache_len of them): each call
+  appends its S positions and attends to everything cached up to each query."""
   num_heads: int
   rope_base: float = 10000.0
   implementation: Optional[str] = None  # 'xla' | 'cudnn' | None (JAX picks)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  decode: bool = False
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -73,17 +78,38 @@ class CausalAttention(nn.Module):
       raise ValueError(f'model.dim={width} / model.num_heads={self.num_heads} must be an even '
                        'head width (rotary embeddings rotate channel pairs)')
     head = width // self.num_heads
-    positions = jnp.arange(x.shape[1])
     project = lambda name: jnp.einsum('bsd,dhk->bshk', x, _kernel(
         self, name, (width, self.num_heads, head), ('embed', 'heads', 'kv'), 0, (1, 2)))
-    q = rotary(project('query'), positions, self.rope_base)
-    k = rotary(project('key'), positions, self.rope_base)
-    v = project('value')
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                       implementation=self.implementation)
+    q, k, v = project('query'), project('key'), project('value')
+    if not self.decode:
+      positions = jnp.arange(x.shape[1])
+      q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=self.implementation)
+    else:
+      out = self._attend_cached(q, k, v)
     w_out = _kernel(self, 'out', (self.num_heads, head, width), ('heads', 'kv', 'embed'),
                     (0, 1), 2)
     return jnp.einsum('bshk,hkd->bsd', out, w_out)
+
+  def _attend_cached(self, q, k, v):
+    batch, length = q.shape[0], q.shape[1]
+    shape = (batch, self.cache_len) + q.shape[2:]
+    # Initialising creates an empty cache; only calls after it append to it.
+    initialised = self.has_variable('cache', 'key')
+    cached_k = self.variable('cache', 'key', jnp.zeros, shape, k.dtype)
+    cached_v = self.variable('cache', 'value', jnp.zeros, shape, v.dtype)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    positions = start + jnp.arange(length)
+    q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+    keys = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+    values = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+    if initialised:
+      cached_k.value, cached_v.value, index.value = keys, values, start + length
+    visible = jnp.arange(self.cache_len)[None, :] <= positions[:, None]   # [S, L]
+    return jax.nn.dot_product_attention(q, keys, values, mask=visible[None, None],
+                                        implementation='xla')
 
 
 class GatedFFN(nn.Module):
@@ -111,12 +137,15 @@ class DecoderBlock(nn.Module):
   attention_impl: Optional[str] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  decode: bool = False
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, training: bool, token_mask=None, loss_weights=None):
     norm = lambda name: RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     x = x + CausalAttention(self.num_heads, self.rope_base, self.attention_impl, self.dtype,
-                            self.param_dtype, name='attention')(norm('norm_attention')(x))
+                            self.param_dtype, self.decode, self.cache_len,
+                            name='attention')(norm('norm_attention')(x))
     h = norm('norm_ffn')(x)
     aux = None
     if self.num_experts:
@@ -150,6 +179,10 @@ class DecoderLM(nn.Module):
   param_dtype: Any = jnp.float32
   task: str = 'lm'
   stem: str = 'embed'  # what upcycling reads to drop padding tokens
+  # Generation: keys and values of up to max_len positions cached in the 'cache'
+  # collection; each call appends its positions (see `dynmoe_jax.sample`).
+  decode: bool = False
+  max_len: int = 512
 
   @nn.compact
   def __call__(self, inputs, training: bool = False, example_mask=None, moe_loss_weights=None):
@@ -179,7 +212,7 @@ class DecoderLM(nn.Module):
       moe = self.moe if planned[i] is None else {**self.moe, 'planned_capacity': planned[i]}
       block = block_type(self.num_heads, self.mlp_dim, num_experts, moe, self.shared_expert,
                          self.rope_base, self.attention_impl, self.dtype, self.param_dtype,
-                         name=names.layer_name(i))
+                         self.decode, self.max_len, name=names.layer_name(i))
       x, aux = block(x, training, token_mask, (moe_loss_weights or {}).get(names.layer_name(i)))
       if aux is not None:
         moe_aux[names.layer_name(i)] = aux

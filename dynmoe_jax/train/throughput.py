@@ -78,7 +78,7 @@ def lm_throughput(config, layout_experts: Sequence[int], peak: Tuple[float, str]
   m = config.model
   if m.task != 'lm':
     return None
-  seq = config.data.seq_len - 1  # the LM reads bytes [:-1]
+  seq = config.data.seq_len  # the LM reads seq_len bytes and predicts the next of each
   d = m.dim
   ffn_matmuls = 3 if m.arch == 'decoder' else 2
   flops = 0.0

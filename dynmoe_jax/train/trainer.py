@@ -135,7 +135,7 @@ class Trainer:
     dense = upcycle.dense_config(config.init_from, config)
     sample = steps.model_inputs({k: v[:1] for k, v in self.example_batch.items()},
                                 config.model.task)
-    dense_model, dense_params, dense_step = upcycle.restore_dense_params(
+    dense_model, dense_params, dense_step = checkpointing.restore_params(
         config.init_from, dense, sample)
     inputs = None
     if routers.get(config.model.moe.router).upcycle_router is not None:

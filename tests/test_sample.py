@@ -1,0 +1,66 @@
+"""Generation with a KV cache: cached decoding equals the full forward pass; the CLI."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynmoe_jax import sample
+from tests.test_decoder import V, lm, tokens
+
+
+@pytest.mark.parametrize('experts', [(0, 0), (0, 4)])
+def test_cached_decoding_equals_the_full_forward_pass(experts):
+  model = lm(experts, max_len=16)
+  x = tokens(1, 12)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x)['params'])
+  full = model.apply({'params': params}, x)[0]
+  step = model.clone(decode=True)
+  cache = step.init(jax.random.PRNGKey(0), x[:, :1])['cache']
+  # A prompt of 5 positions in one call, then one position per call.
+  (logits, _), state = step.apply({'params': params, 'cache': cache}, x[:, :5],
+                                  mutable=['cache'])
+  got = [logits]
+  cache = state['cache']
+  for t in range(5, 12):
+    (logits, _), state = step.apply({'params': params, 'cache': cache}, x[:, t:t + 1],
+                                    mutable=['cache'])
+    cache = state['cache']
+    got.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, rtol=2e-5, atol=2e-5)
+
+
+def test_generate_is_greedy_at_temperature_zero_and_counts_experts():
+  model = lm((0, 4), max_len=32).clone(decode=True)
+  params = nn.meta.unbox(lm((0, 4)).init(jax.random.PRNGKey(0), tokens())['params'])
+  prompt = sample.encode('def f(')
+  out, experts = sample.generate(model, params, prompt, 10, temperature=0.0)
+  assert out.shape == (16,) and experts.shape == (16, 1)
+  np.testing.assert_array_equal(out[:6], prompt)
+  assert (experts[:-1] >= 1).all() and experts[-1, 0] == -1  # eval mode: >= 1 expert
+  # Greedy: each new token is the argmax of the full forward pass over what precedes it.
+  full = lm((0, 4), max_len=32).apply({'params': params}, jnp.asarray(out)[None])[0][0]
+  for i in range(6, 16):
+    assert out[i] == int(jnp.argmax(full[i - 1].at[0].set(-jnp.inf)))
+  with pytest.raises(ValueError, match='exceeds the model'):
+    sample.generate(model, params, prompt, 40)
+  text, page = sample.render(out, experts, len(prompt))
+  assert 'def f(' in sample.decode_bytes(out).decode('utf-8', 'replace')
+  assert page.count('<span') >= 16 and '\033[1m' in text
+
+
+@pytest.mark.slow
+def test_sample_command_on_a_trained_run(tmp_path, capsys):
+  from dynmoe_jax import train
+  from tests.conftest import load_config
+  config = load_config('lm_tiny')
+  config.model.arch = 'decoder'
+  config.model.max_len = 64
+  train.Trainer(config, str(tmp_path)).run()
+  assert sample.main([f'--workdir={tmp_path}', '--prompt=import ', '--max_new=20']) == 0
+  out = capsys.readouterr().out
+  assert 'experts per token by MoE layer' in out
+  assert os.path.exists(tmp_path / 'sample.html')
+  assert sample.main([f'--workdir={tmp_path / "nothing"}']) == 2
