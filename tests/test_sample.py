@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import sample
-from tests.test_decoder import V, lm, tokens
+from tests.test_decoder import lm, tokens
 
 
 @pytest.mark.parametrize('experts', [(0, 0), (0, 4)])
