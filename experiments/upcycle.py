@@ -28,7 +28,7 @@ import time
 from typing import Any, Dict, List
 
 import common
-from dynmoe_jax import plots, train
+from dynmoe_jax import config_lib, names, plots, train
 from dynmoe_jax.default_config import lm_config, mnist1d_config
 
 TASKS = ('mnist1d', 'lm')
@@ -144,7 +144,11 @@ def aggregate(args) -> Dict[str, Any]:
         row['step0_loss_gap'] = max(abs(s['step0_eval_loss'] - d['eval_loss'])
                                     for s, d in zip(seeds, dense))
       rows.append(row)
-    dense_flops = 2 * 2 * 64 * 128 * 2  # dense FFN forward FLOPs per token, 2 blocks
+    # Dense: its FFNs in the blocks the MoE models make MoE, 2 FLOPs per weight.
+    m = make_config(args, task, 'top2_scratch', args.seeds[0]).model
+    moe_blocks = len(names.moe_layer_names(config_lib.experts_layout(
+        make_config(args, task, 'top2_scratch', args.seeds[0]))))
+    dense_flops = moe_blocks * 2 * (2 * m.dim * m.mlp_dim)
     for row in rows:
       if row['active_experts'] is None:
         row['activated_flops_per_token'] = dense_flops
