@@ -6,7 +6,8 @@ steps after a compile-and-warm-up call:
   * top_k:  MoE, k=2, each dispatch impl (sort, einsum, ragged)
   * top_any: DynMoE gating with thresholds set so about 2 experts are active
   * top_any~1.3/sort/planned: thresholds for about 1.3 experts, capacity planned from this
-    batch's routing as `adaptive.capacity` plans it (busiest expert x 1.1 headroom)
+    batch's routing as `adaptive.capacity` plans it (busiest expert x 1.1 headroom), at
+    most --planned_max_k experts per token (the sorted pair list is T·max_k long)
   * naive:  every expert on every token, masked by the router (dispatch_impl='all_experts_reference')
 
 Prints a table, writes JSON and a PNG. Timings on a shared CPU are noisy: read
@@ -48,11 +49,13 @@ def tune_top_any_thresholds(params, x, target_active):
   return jnp.quantile(cos, q, axis=0)
 
 
-def planned_top_any(num_experts, hidden, x, rng, target_active):
+def planned_top_any(num_experts, hidden, x, rng, target_active, max_k):
   """A top-any layer at about `target_active` experts per token whose capacity is
-  planned from its own routing of `x`, as `adaptive.capacity` plans it from a window."""
+  planned from its own routing of `x`, as `adaptive.capacity` plans it from a window;
+  max_k bounds its pair list (T·max_k pairs to sort instead of T·E)."""
   module = layers.MoE(num_experts=num_experts, hidden_dim=hidden, router='top_any',
-                      capacity_factor=1.25, expected_k=target_active)
+                      capacity_factor=1.25, expected_k=target_active,
+                      max_k=min(max_k, num_experts) if max_k else None)
   variables = nn.meta.unbox(module.init(rng, x))
   params = dict(variables['params'])
   params['thresholds'] = tune_top_any_thresholds(params, x, target_active)
@@ -109,6 +112,8 @@ def main():
                       help='run the naive all-experts MoE only up to this many experts')
   parser.add_argument('--planned_active', type=float, default=1.3,
                       help='experts per token of the planned-capacity top-any case (0: skip)')
+  parser.add_argument('--planned_max_k', type=int, default=4,
+                      help='max_k of the planned-capacity top-any case (0: none, T·E pairs)')
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--out', default='experiments/results/bench_layer')
   args = parser.parse_args()
@@ -141,7 +146,8 @@ def main():
             f'dropped={metrics["dropped_fraction"]:.3f}', flush=True)
     if args.planned_active and 'sort' in args.impls:
       name = f'top_any~{args.planned_active:g}/sort/planned'
-      module, variables = planned_top_any(num_experts, args.hidden, x, rng, args.planned_active)
+      module, variables = planned_top_any(num_experts, args.hidden, x, rng, args.planned_active,
+                                          args.planned_max_k)
       seconds, compile_s, metrics = time_step(make_step(module), (variables, x, cotangent),
                                               args.reps)
       rows.append(dict(name=name, experts=num_experts, seconds=seconds, compile_s=compile_s,
