@@ -25,15 +25,19 @@ not equal to it.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from dynmoe_jax import config_lib, layers, routers
-from dynmoe_jax.train import compat
+from dynmoe_jax import checkpointing, config_lib, layers, names, routers
+from dynmoe_jax.train import compat, steps
+
+log = logging.getLogger('dynmoe_jax')
 
 # Fields that make a dense checkpoint fit an MoE config: everything but the FFNs.
 MATCHING_FIELDS = ('model.arch', 'model.task', 'model.stem', 'model.num_layers', 'model.dim',
@@ -222,3 +226,33 @@ def dense_config(workdir: str, config) -> ml_collections.ConfigDict:
                        'one: ' + ', '.join(f'{f} (dense: {flat_saved.get(f)!r}, now: '
                                           f'{flat_now.get(f)!r})' for f in differ))
   return dense
+
+
+def from_checkpoint(config, fresh_params, example_batch, train_batch) -> Dict[str, Any]:
+  """What `--config.init_from=DIR` runs: the params of `config`'s MoE model upcycled from
+  the newest checkpoint of the dense run in config.init_from.
+
+  fresh_params: the MoE model's fresh init (host arrays); example_batch: a training batch
+  (shapes); train_batch(i): global training batch i (top-any's gates are set from the
+  dense model's FFN inputs over the first `upcycle.kmeans_batches` of them)."""
+  u, task = config.upcycle, config.model.task
+  start = time.perf_counter()
+  dense = dense_config(config.init_from, config)
+  sample = steps.model_inputs({k: v[:1] for k, v in example_batch.items()}, task)
+  dense_model, dense_params, dense_step = checkpointing.restore_params(
+      config.init_from, dense, sample)
+  inputs = None
+  if routers.get(config.model.moe.router).upcycle_router is not None:
+    blocks = [name for name, p in fresh_params.items() if isinstance(p, Mapping) and 'moe' in p]
+    inputs = router_inputs(dense_model, dense_params,
+                           (steps.model_inputs(train_batch(i), task)
+                            for i in range(u.kmeans_batches)),
+                           sorted(blocks, key=names.layer_index))
+  params = upcycle_params(dense_params, fresh_params, moe_settings=config_lib.moe_kwargs(config),
+                          router_inputs=inputs, partition=u.partition, noise=u.noise,
+                          seed=config.seed, kmeans_iterations=u.kmeans_iterations)
+  log.info(
+      'upcycled from %s (dense step %d) in %.1fs: every expert a copy of its block\'s FFN%s',
+      config.init_from, dense_step, time.perf_counter() - start,
+      f' (+ noise {u.noise})' if u.noise else '')
+  return params

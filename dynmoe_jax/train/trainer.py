@@ -19,8 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynmoe_jax import (checkpointing, config_lib, experts, names, plots, routers, sharding,
-                        upcycle)
+from dynmoe_jax import checkpointing, config_lib, experts, names, plots, sharding, upcycle
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
@@ -130,30 +129,11 @@ class Trainer:
   def _upcycled(self, state: TrainState) -> TrainState:
     """The fresh state with its params upcycled from the dense run in config.init_from
     (fresh optimizer state, step 0)."""
-    config, u = self.config, self.config.upcycle
-    start = time.perf_counter()
-    dense = upcycle.dense_config(config.init_from, config)
-    sample = steps.model_inputs({k: v[:1] for k, v in self.example_batch.items()},
-                                config.model.task)
-    dense_model, dense_params, dense_step = checkpointing.restore_params(
-        config.init_from, dense, sample)
-    inputs = None
-    if routers.get(config.model.moe.router).upcycle_router is not None:
-      # Global batches (process 0 of 1): every process computes the same gates.
-      stream = pipeline.TrainStream(self.train_source, self.preprocess, config.batch_size,
-                                    config.seed, 0, 1)
-      inputs = upcycle.router_inputs(
-          dense_model, dense_params,
-          (steps.model_inputs(stream.batch(i), config.model.task)
-           for i in range(u.kmeans_batches)),
-          names.moe_layer_names(self.layout.experts))
-    params = upcycle.upcycle_params(
-        dense_params, jax.device_get(state.params), moe_settings=config_lib.moe_kwargs(config),
-        router_inputs=inputs, partition=u.partition, noise=u.noise, seed=config.seed,
-        kmeans_iterations=u.kmeans_iterations)
-    log.info('upcycled from %s (dense step %d) in %.1fs: every expert a copy of its block\'s '
-             'FFN%s', config.init_from, dense_step, time.perf_counter() - start,
-             f' (+ noise {u.noise})' if u.noise else '')
+    # Global batches (process 0 of 1): every process computes the same gates.
+    stream = pipeline.TrainStream(self.train_source, self.preprocess, self.config.batch_size,
+                                  self.config.seed, 0, 1)
+    params = upcycle.from_checkpoint(self.config, jax.device_get(state.params),
+                                     self.example_batch, stream.batch)
     return state.replace(params=jax.device_put(params, self.compiled.shardings.params))
 
   def close(self):
