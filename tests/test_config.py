@@ -5,7 +5,7 @@ from dynmoe_jax import config_lib
 from tests.conftest import load_config
 
 ALL_CONFIGS = ['mnist1d_dynmoe', 'mnist1d_dense', 'mnist1d_topk', 'mnist1d_topp',
-               'mnist1d_damoe', 'lm_dynmoe', 'lm_topk', 'tiny', 'lm_tiny']
+               'mnist1d_damoe', 'lm_dynmoe', 'lm_topk', 'lm_small', 'tiny', 'lm_tiny']
 
 
 @pytest.mark.parametrize('name', ALL_CONFIGS)

@@ -89,8 +89,38 @@ def test_split_larger_than_the_prepared_data_names_the_split_fields():
   assert not isinstance(error.value, pipeline.DatasetNotFoundError)
 
 
-@pytest.mark.parametrize('name', ['lm_dynmoe', 'lm_topk', 'mnist1d_dynmoe'])
+# lm_small builds the whole python_corpus (every .py installed here; ~20 s).
+@pytest.mark.parametrize('name', ['lm_dynmoe', 'lm_topk', 'mnist1d_dynmoe', 'lm_small'])
 def test_shipped_configs_read_their_splits(name):
   config = load_config(name)
   for split in (config.data.train_split, config.data.eval_split):
     assert len(pipeline.get_source(config.data.name, split, config.data.data_dir)) > 0
+
+
+def test_python_corpus_deduplicates_and_keeps_each_file_in_one_split(tmp_path, monkeypatch):
+  from dynmoe_jax.data import text_builder
+  src = tmp_path / 'src'
+  rng = np.random.default_rng(0)
+  files = {}
+  for i in range(120):
+    text = f'# file {i}\n' + ''.join(rng.choice(list('abcdefgh =()\n'), 3000))
+    files[f'pkg{i % 7}/m{i}.py'] = text
+  files['vendored/copy_of_m0.py'] = files['pkg0/m0.py']  # the same bytes: kept once
+  for rel, text in files.items():
+    (src / rel).parent.mkdir(parents=True, exist_ok=True)
+    (src / rel).write_text(text)
+  monkeypatch.setenv('DYNMOE_PYTHON_CORPUS_ROOTS', str(src))
+  distinct = list(text_builder.python_files())
+  assert len(distinct) == 120
+  train = pipeline.get_source('python_corpus', 'train', str(tmp_path / 'tfds'))
+  test = pipeline.get_source('python_corpus', 'test', str(tmp_path / 'tfds'))
+  size = text_builder.PYTHON_CHUNK_BYTES
+  assert train[0]['bytes'].shape == (size,) and len(test) > 0
+  total = sum(len(d) for _, d in distinct)
+  assert (len(train) + len(test)) * size <= total < (len(train) + len(test) + 2) * size
+  # No file's header line shows up in both splits (tfds shuffles chunks, so read them all).
+  import re
+  headers = lambda source: set(re.findall(rb'# file \d+\n', b'|'.join(
+      bytes(source[i]['bytes']) for i in range(len(source)))))
+  in_test, in_train = headers(test), headers(train)
+  assert in_test and in_train and not in_test & in_train

@@ -5,7 +5,7 @@ grain MapDataset is shuffled per epoch with `seed + epoch`, repeated, batched,
 and read by index. A resumed run asks for batch `s` and gets what an
 uninterrupted run got; no iterator state needs checkpointing.
 
-Local builders (`mnist1d`, `bytes_corpus`) are generated here on first use.
+Local builders (`mnist1d`, `bytes_corpus`, `python_corpus`) are generated here on first use.
 Any other tfds name (`cifar10`, `glue/sst2`, `lm1b`, ...) is read from the
 user's data dir in array_record format; if it is missing the error says how to
 prepare it.
@@ -24,7 +24,8 @@ import tensorflow_datasets as tfds
 from dynmoe_jax.data import mnist1d_builder, text_builder
 
 # Importing the builder modules registers them with tfds under these names.
-LOCAL_BUILDERS = {'mnist1d': mnist1d_builder.Mnist1d, 'bytes_corpus': text_builder.BytesCorpus}
+LOCAL_BUILDERS = {'mnist1d': mnist1d_builder.Mnist1d, 'bytes_corpus': text_builder.BytesCorpus,
+                  'python_corpus': text_builder.PythonCorpus}
 KINDS = ('signal', 'image', 'text', 'lm')
 
 Batch = Dict[str, np.ndarray]

@@ -69,3 +69,67 @@ class BytesCorpus(tfds.core.GeneratorBasedBuilder):
     array = np.frombuffer(blob, np.uint8)
     for i in range(len(array) // CHUNK_BYTES):
       yield i, {'bytes': array[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES].copy()}
+
+
+PYTHON_CHUNK_BYTES = 1025  # up to 1024 inputs + 1 shifted target
+
+
+def python_roots():
+  """The directories the larger corpus reads: DYNMOE_PYTHON_CORPUS_ROOTS (os.pathsep-
+  separated), else the standard library and the running environment's site-packages."""
+  override = os.environ.get('DYNMOE_PYTHON_CORPUS_ROOTS')
+  if override:
+    return [pathlib.Path(p) for p in override.split(os.pathsep) if p]
+  paths = sysconfig.get_paths()
+  return sorted({pathlib.Path(paths[k]) for k in ('stdlib', 'purelib', 'platlib')})
+
+
+def python_files():
+  """(content hash, bytes) of every distinct `.py` file under python_roots(), in path
+  order; a file whose exact bytes appeared before (vendored copies) is skipped."""
+  import hashlib
+  seen = set()
+  for root in python_roots():
+    for path in sorted(root.rglob('*.py')):
+      try:
+        data = path.read_bytes()
+      except OSError:
+        continue
+      digest = hashlib.sha1(data).digest()
+      if digest in seen or not data:
+        continue
+      seen.add(digest)
+      yield digest, data
+
+
+class PythonCorpus(tfds.core.GeneratorBasedBuilder):
+  """Every distinct `.py` file of the standard library and the installed site-packages,
+  deduplicated by content, a file wholly in 'train' or 'test' (crc32 of its content hash
+  % 50 == 0: about 2%), cut into PYTHON_CHUNK_BYTES-byte chunks. Offline and larger (about
+  200 MiB with this project's requirements installed) than `bytes_corpus`; its exact bytes
+  follow the installed packages."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': f'Python {sys.version_info.major}.{sys.version_info.minor} stdlib + '
+                            f'site-packages, deduplicated, {PYTHON_CHUNK_BYTES}-byte chunks.'}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'bytes': tfds.features.Tensor(shape=(PYTHON_CHUNK_BYTES,), dtype=np.uint8)}),
+        description=self.__doc__)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    train, test = [], []
+    for digest, data in python_files():
+      (test if zlib.crc32(digest) % 50 == 0 else train).append(data)
+    if not train or not test:
+      raise FileNotFoundError(f'python_corpus: too few .py files under {python_roots()}')
+    return {'train': self._generate_examples(b''.join(train)),
+            'test': self._generate_examples(b''.join(test))}
+
+  def _generate_examples(self, blob: bytes):
+    array = np.frombuffer(blob, np.uint8)
+    for i in range(len(array) // PYTHON_CHUNK_BYTES):
+      yield i, {'bytes': array[i * PYTHON_CHUNK_BYTES:(i + 1) * PYTHON_CHUNK_BYTES].copy()}
