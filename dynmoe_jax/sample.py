@@ -150,6 +150,8 @@ def main(argv=None):
   parser.add_argument('--temperature', type=float, default=0.8)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on read-only checkpoints
   try:
     model, params = restore(args.workdir)
     prompt = encode(args.prompt)
