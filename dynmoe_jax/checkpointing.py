@@ -73,27 +73,30 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(workdir: str, config, sample_inputs, layout=None):
+def restore_params(workdir: str, config, sample_inputs):
   """(model, the newest checkpoint's params as host arrays, its step) of the run of
-  `config` (and `layout`, default the config's) in `workdir`. Opens the checkpoints
-  read-only: nothing in `workdir` is written."""
+  `config` in `workdir`, in the layout that checkpoint's meta records. Opens the
+  checkpoints read-only: nothing in `workdir` is written."""
   import jax
   from dynmoe_jax import config_lib, sharding
+  from dynmoe_jax.layout import Layout
   from dynmoe_jax.train import budget as budget_lib
   from dynmoe_jax.train import state as state_lib
-  model = config_lib.build_model(config, layout)
-  experts = model.experts_per_layer
-  budget = budget_lib.from_config(config, experts)
-  init = state_lib.make_init(model, config_lib.build_optimizer(config), sample_inputs,
-                             budget.initial_controls() if budget else None)
-  abstract = sharding.strip_boxes(jax.eval_shape(init, jax.random.PRNGKey(0)))
-  device = jax.local_devices()[0]
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-      s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
+    if not manager.all_steps():
+      raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
     step = max(manager.all_steps())
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    model = config_lib.build_model(config, Layout.from_meta(meta))
+    budget = budget_lib.from_config(config, model.experts_per_layer)
+    init = state_lib.make_init(model, config_lib.build_optimizer(config), sample_inputs,
+                               budget.initial_controls() if budget else None)
+    abstract = sharding.strip_boxes(jax.eval_shape(init, jax.random.PRNGKey(0)))
+    device = jax.local_devices()[0]
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
   finally:

@@ -45,10 +45,6 @@ class Layout:
     """(slots, tokens) of block `block`, or None for the router's rule."""
     return (self.capacity[block], self.capacity_tokens) if self.capacity[block] else None
 
-  def with_experts(self, experts: Sequence[int]) -> 'Layout':
-    """New expert counts; a block whose count changed keeps its planned capacity."""
-    return dataclasses.replace(self, experts=tuple(experts))
-
   def describe(self) -> str:
     text = f'experts per layer {list(self.experts)}'
     if any(self.capacity):

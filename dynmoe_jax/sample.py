@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynmoe_jax import config_lib, names
+from dynmoe_jax import names
 
 PAD = 0  # byte b is token b + 1
 
@@ -78,10 +78,8 @@ def generate(model, params, prompt: np.ndarray, max_new: int, *, temperature: fl
 def restore(workdir: str):
   """(decode-mode model, params) of the newest checkpoint in `workdir`."""
   from dynmoe_jax import checkpointing
-  from dynmoe_jax.layout import Layout
   from dynmoe_jax.train import compat
   import ml_collections
-  import orbax.checkpoint as ocp
   saved = compat.saved_config(workdir)
   if saved is None:
     raise FileNotFoundError(f'{workdir} holds no run (no checkpoint, no config.json)')
@@ -89,21 +87,10 @@ def restore(workdir: str):
   if config.model.arch != 'decoder':
     raise ValueError(f"sampling needs a model.arch='decoder' run; {workdir} holds "
                      f'{config.model.arch!r}')
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
-    meta = manager.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  layout = Layout.from_meta(meta['meta'])
   config.model.remat = 'none'
   sample = np.ones((1, config.data.seq_len), np.int32)
-  _, params, _ = checkpointing.restore_params(workdir, config, sample, layout)
-  model = config_lib.build_model(config, layout).clone(decode=True)
-  return model, params
+  model, params, _ = checkpointing.restore_params(workdir, config, sample)
+  return model.clone(decode=True), params
 
 
 BOLD, RESET = '\033[1m', '\033[0m'

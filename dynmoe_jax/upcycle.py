@@ -125,7 +125,7 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
                        f'FFN must be ungated {DENSE_ACTIVATION!r} FFNs like it')
   target_k = float(settings.target_experts_per_token or settings.k)
   rng = np.random.default_rng(seed)
-  moe_blocks = [n for n, p in moe_params.items() if isinstance(p, Mapping) and 'moe' in p]
+  moe_blocks = _moe_blocks(moe_params)
   for name in moe_blocks:
     block = dense_params.get(name, {})
     if any('bias' in block.get(part, {}) for part in ('wi', 'wo')):
@@ -135,7 +135,7 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
   for name, fresh in moe_params.items():
     if name not in dense_params:
       raise UpcycleError(f'the dense params have no {name!r}')
-    if not (isinstance(fresh, Mapping) and 'moe' in fresh):
+    if name not in moe_blocks:
       _check_same_shapes(name, dense_params[name], fresh)
       out[name] = dense_params[name]
       continue
@@ -166,6 +166,12 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
     out[name] = {**rest, 'moe': {k: np.asarray(v, np.asarray(fresh['moe'][k]).dtype)
                                  for k, v in moe.items()}}
   return out
+
+
+def _moe_blocks(params: Mapping[str, Any]) -> list:
+  """Names of the blocks of `params` that hold an MoE module, in block order."""
+  return sorted((name for name, p in params.items() if isinstance(p, Mapping) and 'moe' in p),
+                key=names.layer_index)
 
 
 def _check_same_shapes(name: str, dense, fresh):
@@ -243,11 +249,10 @@ def from_checkpoint(config, fresh_params, example_batch, train_batch) -> Dict[st
       config.init_from, dense, sample)
   inputs = None
   if routers.get(config.model.moe.router).upcycle_router is not None:
-    blocks = [name for name, p in fresh_params.items() if isinstance(p, Mapping) and 'moe' in p]
     inputs = router_inputs(dense_model, dense_params,
                            (steps.model_inputs(train_batch(i), task)
                             for i in range(u.kmeans_batches)),
-                           sorted(blocks, key=names.layer_index))
+                           _moe_blocks(fresh_params))
   params = upcycle_params(dense_params, fresh_params, moe_settings=config_lib.moe_kwargs(config),
                           router_inputs=inputs, partition=u.partition, noise=u.noise,
                           seed=config.seed, kmeans_iterations=u.kmeans_iterations)

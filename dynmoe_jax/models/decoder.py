@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dynmoe_jax import layers, names, routers
+from dynmoe_jax.models import transformer
 
 REMAT_POLICIES = {
     'none': None,
@@ -206,10 +207,9 @@ class DecoderLM(nn.Module):
     if self.remat != 'none':
       block_type = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.remat],
                             static_argnums=(2,))
-    planned = self.planned_capacity or (None,) * self.num_layers
     moe_aux: Dict[str, layers.MoEAux] = {}
     for i, num_experts in enumerate(self.experts_per_layer):
-      moe = self.moe if planned[i] is None else {**self.moe, 'planned_capacity': planned[i]}
+      moe = transformer.block_moe_settings(self.moe, self.planned_capacity, i)
       block = block_type(self.num_heads, self.mlp_dim, num_experts, moe, self.shared_expert,
                          self.rope_base, self.attention_impl, self.dtype, self.param_dtype,
                          self.decode, self.max_len, name=names.layer_name(i))

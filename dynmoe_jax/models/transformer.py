@@ -90,6 +90,15 @@ def token_importance(probs: jax.Array, attention_mask: jax.Array) -> jax.Array:
   return (received / count).mean(axis=1)
 
 
+def block_moe_settings(moe: Mapping[str, Any],
+                       planned_capacity: Tuple[Optional[Tuple[int, int]], ...],
+                       block: int) -> Mapping[str, Any]:
+  """The MoE fields of block `block`: `moe`, with that block's re-planned capacity
+  (`layers.MoE.planned_capacity`) where it has one."""
+  planned = planned_capacity[block] if planned_capacity else None
+  return moe if planned is None else {**moe, 'planned_capacity': planned}
+
+
 class Block(nn.Module):
   num_heads: int
   mlp_dim: int
@@ -216,9 +225,8 @@ class MoETransformer(nn.Module):
     token_mask = None if example_mask is None else jnp.broadcast_to(
         (example_mask > 0)[:, None], x.shape[:2])
     moe_aux: Dict[str, layers.MoEAux] = {}
-    planned = self.planned_capacity or (None,) * self.num_layers
     for i, num_experts in enumerate(self.experts_per_layer):
-      moe = self.moe if planned[i] is None else {**self.moe, 'planned_capacity': planned[i]}
+      moe = block_moe_settings(self.moe, self.planned_capacity, i)
       block = Block(self.num_heads, self.mlp_dim, num_experts, moe, self.dropout,
                     self.dtype, self.param_dtype, self.ffn_bias, name=names.layer_name(i))
       x, aux = block(x, attention_mask, training, token_mask,

@@ -288,7 +288,8 @@ class Trainer:
           state, self.compiled = self.boundary.apply(state, step, self.compiled)
           if self.compiled is not before:
             self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
-            rates = self._throughput(peak)
+            if self.compiled.layout.experts != before.layout.experts:  # capacity: same FLOPs
+              rates = self._throughput(peak)
         if checkpoint_every.fires(step, last) or at_boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
         self.boundary.maybe_compile_ahead(step, self.compiled.layout)
