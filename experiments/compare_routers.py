@@ -22,7 +22,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List
@@ -210,17 +209,10 @@ def train_all(args) -> Dict[str, Dict[str, List[Dict]]]:
     if args.jobs == 1:
       summary = train_one(args, task, router, seed)
     else:
-      log_path = os.path.join(run_dir(args, task, router, seed) + '.log')
-      os.makedirs(os.path.dirname(log_path), exist_ok=True)
-      with open(log_path, 'w') as log_file:
-        code = subprocess.call(
-            [sys.executable, os.path.abspath(__file__), '--preset', args.preset, '--tasks', task,
-             '--routers', router, '--seeds', str(seed), '--out', args.out, '--train_only',
-             '--jobs', '1'], stdout=log_file, stderr=subprocess.STDOUT)
-      if code:
-        raise RuntimeError(f'{task} {router} seed {seed} failed (exit {code}); see {log_path}')
-      with open(os.path.join(run_dir(args, task, router, seed), 'summary.json')) as f:
-        summary = json.load(f)
+      summary = common.run_in_process(
+          [os.path.abspath(__file__), '--preset', args.preset, '--tasks', task, '--routers',
+           router, '--seeds', str(seed), '--out', args.out, '--train_only', '--jobs', '1'],
+          run_dir(args, task, router, seed), f'{task} {router} seed {seed}')
     say(f"    {task} {router} seed {seed}: {summary['metric']} {summary['value']:.4f}, "
         f"active experts {summary['active_experts']}, {summary['seconds']:.0f}s")
 

@@ -22,8 +22,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any, Dict, List
 
@@ -102,17 +100,10 @@ def run_all(args, variants: List[str]):
 
   def launch(item):
     task, variant, seed = item
-    log_path = run_dir(args, task, variant, seed) + '.log'
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, 'w') as log_file:
-      code = subprocess.call(
-          [sys.executable, os.path.abspath(__file__), '--one', f'{task},{variant},{seed}',
-           '--out', args.out, '--dense_steps', str(args.dense_steps),
-           '--more_steps', str(args.more_steps)], stdout=log_file, stderr=subprocess.STDOUT)
-    if code:
-      raise RuntimeError(f'{task} {variant} seed {seed} failed (exit {code}); see {log_path}')
-    with open(os.path.join(run_dir(args, task, variant, seed), 'summary.json')) as f:
-      s = json.load(f)
+    s = common.run_in_process(
+        [os.path.abspath(__file__), '--one', f'{task},{variant},{seed}', '--out', args.out,
+         '--dense_steps', str(args.dense_steps), '--more_steps', str(args.more_steps)],
+        run_dir(args, task, variant, seed), f'{task} {variant} seed {seed}')
     print(f"  {task} {variant} seed {seed}: {s['metric']} {s['value']:.4f}, active experts "
           f"{s['mean_active_experts']}, {s['seconds']:.0f}s", flush=True)
 
