@@ -51,6 +51,7 @@ def test_tiny_trains_and_loss_falls(tmp_path, router):
         row['moe/layer_1/computed_flops_per_token']
   cost = [json.loads(l) for l in open(tmp_path / 'compiled_cost.jsonl')]
   assert cost[0]['step'] == 0 and cost[0]['flops'] > 0 and cost[0]['bytes_accessed'] > 0
+  assert cost[0]['parameters'] > cost[0]['expert_parameters'] > 0
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['100', '50']
   assert {'loss_accuracy.png', 'active_experts.png', 'expert_load.png'} <= set(
       os.listdir(tmp_path / 'plots'))

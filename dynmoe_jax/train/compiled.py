@@ -42,7 +42,18 @@ class Compiled:
     analysis = analysis or {}
     return {'flops': float(analysis.get('flops', float('nan'))),
             'bytes_accessed': float(analysis.get('bytes accessed', float('nan'))),
-            'compile_seconds': self.seconds}
+            'compile_seconds': self.seconds,
+            **parameter_counts(self.abstract_state.params, self.expert_axes)}
+
+
+def parameter_counts(params, expert_axes: Mapping[Tuple[str, ...], int]) -> Dict[str, int]:
+  """All parameters, and those of leaves with an expert axis (expert kernels and
+  per-expert router parameters: what grows with the expert count)."""
+  leaves = {tuple(k.key for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  size = lambda leaf: int(np.prod(leaf.shape))
+  return {'parameters': sum(size(v) for v in leaves.values()),
+          'expert_parameters': sum(size(v) for p, v in leaves.items() if p in expert_axes)}
 
 
 def abstract_batch(mesh, rows: int, example: Mapping[str, np.ndarray]):

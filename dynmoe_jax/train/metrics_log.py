@@ -91,9 +91,11 @@ class MetricsLog:
     """One row per compiled layout (a `layout.Layout`) in compiled_cost.jsonl (start and
     every recompile)."""
     row = {'step': step, **layout.to_meta(), **cost}
-    log.info('step %d: compiled train step for %s: %.3g FLOPs, %.3g bytes accessed per '
-             'step (XLA cost analysis); compiled in %.1fs', step, layout.describe(),
-             cost['flops'], cost['bytes_accessed'], cost['compile_seconds'])
+    log.info('step %d: compiled train step for %s (%.4gM parameters, %.4gM of them in '
+             'experts and routers): %.3g FLOPs, %.3g bytes accessed per step (XLA cost '
+             'analysis); compiled in %.1fs', step, layout.describe(), cost['parameters'] / 1e6,
+             cost['expert_parameters'] / 1e6, cost['flops'], cost['bytes_accessed'],
+             cost['compile_seconds'])
     if self.is_main:
       with open(os.path.join(self.workdir, 'compiled_cost.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
