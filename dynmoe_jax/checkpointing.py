@@ -82,7 +82,8 @@ def restore_params(workdir: str, config, sample_inputs):
   from dynmoe_jax.layout import Layout
   from dynmoe_jax.train import budget as budget_lib
   from dynmoe_jax.train import state as state_lib
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+  # orbax takes absolute paths only; `--workdir` and `init_from` may be relative
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     if not manager.all_steps():

@@ -52,14 +52,16 @@ def test_generate_is_greedy_at_temperature_zero_and_counts_experts():
 
 
 @pytest.mark.slow
-def test_sample_command_on_a_trained_run(tmp_path, capsys):
+def test_sample_command_on_a_trained_run(tmp_path, capsys, monkeypatch):
   from dynmoe_jax import train
   from tests.conftest import load_config
   config = load_config('lm_tiny')
   config.model.arch = 'decoder'
   config.model.max_len = 64
   train.Trainer(config, str(tmp_path)).run()
-  assert sample.main([f'--workdir={tmp_path}', '--prompt=import ', '--max_new=20']) == 0
+  # a relative --workdir, as the README's command after `make train` passes one
+  monkeypatch.chdir(tmp_path.parent)
+  assert sample.main([f'--workdir={tmp_path.name}', '--prompt=import ', '--max_new=20']) == 0
   out = capsys.readouterr().out
   assert 'experts per token by MoE layer' in out
   assert os.path.exists(tmp_path / 'sample.html')
