@@ -167,6 +167,12 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.moe.p', moe.p, 'must be in (0, 1]')
   if moe.expected_k is not None:
     positive_float('model.moe.expected_k', moe.expected_k)
+  positive_float('model.moe.top_any_scale', moe.top_any_scale)
+  if moe.top_any_learned_scale and not (isinstance(moe.top_any_max_scale, (int, float))
+                                        and moe.top_any_max_scale >= moe.top_any_scale):
+    _fail('model.moe.top_any_max_scale', moe.top_any_max_scale,
+          f'must be a number >= model.moe.top_any_scale={moe.top_any_scale} (the cap of the '
+          'learned temperature)')
   if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
     _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',

@@ -85,7 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.activation = 'gelu'
   c.model.moe.glu = False
   c.model.moe.normalize_top_k = True
-  c.model.moe.top_any_scale = 1.0
+  c.model.moe.top_any_scale = 1.0         # temperature (its initial value when learned)
+  c.model.moe.top_any_learned_scale = False  # True: learned in log space (reference: init 10)
+  c.model.moe.top_any_max_scale = 100.0      # cap of a learned temperature
+  # True: in training too, a token whose scores all fall below the thresholds takes its
+  # top-1 expert (as in evaluation), so a layer cannot die; see routing.top_any.
+  c.model.moe.top_any_train_fallback = False
   c.model.moe.top_any_differentiable_normalization = False  # True: the reference's Tutel variant
   c.model.moe.diversity_weight = 0.01
   c.model.moe.simplicity_weight = 0.01

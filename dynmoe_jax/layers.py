@@ -83,7 +83,12 @@ class MoE(nn.Module):
     dtype: compute dtype of the expert FFNs (routing is at least float32).
     param_dtype: parameter dtype.
     normalize_top_k: renormalise top-k weights to sum to 1.
-    top_any_scale: temperature of top-any's cosine scores.
+    top_any_scale: temperature of top-any's cosine scores and thresholds (it changes the
+      gradients, not which experts are active); with `top_any_learned_scale` its initial
+      value, learned in log space and capped at `top_any_max_scale` (the reference's
+      gated_multi_gate_t: 10, capped at 100).
+    top_any_train_fallback: tokens with no active expert take their top-1 by score in
+      training too, not only in evaluation (`routing.top_any`).
     top_any_differentiable_normalization: combine weights 1/K with the gradient of the
       normalisation (the reference's Tutel variant); False: K a constant (its DeepSpeed
       variant). Forward values are the same.
@@ -115,6 +120,9 @@ class MoE(nn.Module):
   param_dtype: Any = jnp.float32
   normalize_top_k: bool = True
   top_any_scale: float = 1.0
+  top_any_learned_scale: bool = False
+  top_any_max_scale: float = 100.0
+  top_any_train_fallback: bool = False
   top_any_differentiable_normalization: bool = False
   diversity_weight: float = 0.01
   simplicity_weight: float = 0.01
@@ -222,7 +230,7 @@ class MoE(nn.Module):
 
     aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params, loss_weights)
     routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
-    unrouted = route.num_active == 0
+    unrouted = routing.unrouted(route)
     if valid is not None:
       unrouted = unrouted & valid
     num_tokens = (jnp.asarray(tokens.shape[0], jnp.float32) if valid is None

@@ -36,7 +36,7 @@ class RouterSpec:
   route: Callable[..., Tuple[routing.RouterOutput, Optional[jax.Array], Dict[str, jax.Array]]]
   # (settings, route, logits, router params) -> LossTerms
   aux_losses: Callable[..., LossTerms]
-  # names of the parameters this router creates in the MoE module
+  # names of the parameters this router creates in the MoE module (with every option on)
   router_params: Tuple[str, ...]
   # settings -> most experts a token can be routed to (None = any number, up to E)
   pairs_per_token: Callable[[Any], Optional[int]] = lambda s: None
@@ -72,10 +72,19 @@ def _route_top_any(module, tokens, training, token_importance):
   gate_embeddings = _param(module, 'gate_embeddings', nn.initializers.orthogonal(),
                            (num_experts, width), ('expert', 'embed'))
   thresholds = _param(module, 'thresholds', nn.initializers.zeros, (num_experts,), ('expert',))
-  out = routing.top_any(tokens, gate_embeddings, thresholds, scale=module.top_any_scale,
-                        training=training,
-                        differentiable_normalization=module.top_any_differentiable_normalization)
-  return out, None, {'gate_embeddings': gate_embeddings, 'thresholds': thresholds}
+  params = {'gate_embeddings': gate_embeddings, 'thresholds': thresholds}
+  scale = module.top_any_scale
+  if module.top_any_learned_scale:
+    # The reference's learned temperature (gated_multi_gate_t): exp of a parameter,
+    # capped; the cap stops its gradient too, as torch.clamp does there.
+    params['log_scale'] = _param(module, 'log_scale', nn.initializers.constant(
+        np.log(module.top_any_scale)), (), ())
+    scale = jnp.exp(jnp.minimum(routing.upcast(params['log_scale']),
+                                np.log(module.top_any_max_scale)))
+  out = routing.top_any(tokens, gate_embeddings, thresholds, scale=scale, training=training,
+                        differentiable_normalization=module.top_any_differentiable_normalization,
+                        train_fallback=module.top_any_train_fallback)
+  return out, None, params
 
 
 def _losses_top_any(settings, route, logits, params) -> LossTerms:
@@ -203,7 +212,7 @@ _LOGIT_ROUTER = dict(router_params=('router_kernel',), new_expert_params=_new_lo
 
 REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
     RouterSpec('top_any', _route_top_any, _losses_top_any,
-               router_params=('gate_embeddings', 'thresholds'),
+               router_params=('gate_embeddings', 'thresholds', 'log_scale'),
                expected_k=lambda s: (s.target_experts_per_token or
                                      (s.k if s.expected_k is None else s.expected_k)),
                new_expert_params=_new_top_any, budget_loss='efficiency',

@@ -8,7 +8,7 @@ decisions flip on ties and rounding), is safe under jit/vmap/grad, and returns
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import chex
 import flax.struct
@@ -55,6 +55,15 @@ def _output(mask: jax.Array, weights: jax.Array, scores: jax.Array,
   weights = jnp.where(mask, weights, 0.0)
   return RouterOutput(mask=mask, weights=weights, scores=scores,
                       num_active=mask.sum(axis=-1, dtype=jnp.int32), gates=gates)
+
+
+def unrouted(route: RouterOutput) -> jax.Array:
+  """bool[T]: tokens the router's own rule gave no expert. For top-any, no score above its
+  threshold, whether or not a top-1 fallback then took over (evaluation,
+  `train_fallback`): what adaptive experts add experts for."""
+  if route.gates is None:
+    return route.num_active == 0
+  return ~(route.gates > 0).any(axis=-1)
 
 
 def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -133,8 +142,9 @@ def cosine_similarity(tokens: jax.Array, gate_embeddings: jax.Array) -> jax.Arra
 
 
 def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array, *,
-            scale: float = 1.0, training: bool = True,
-            differentiable_normalization: bool = False) -> RouterOutput:
+            scale: Union[float, jax.Array] = 1.0, training: bool = True,
+            differentiable_normalization: bool = False,
+            train_fallback: bool = False) -> RouterOutput:
   """DynMoE top-any gating (arXiv 2405.14297, official code).
 
   s = sigmoid(scale * cos(x_t, W_e)), t_e = sigmoid(scale * G_e); expert e is
@@ -148,14 +158,22 @@ def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array
 
   In training a token may activate no expert: it gets zero MoE output (the
   residual carries it) and `num_active == 0` records it. In evaluation such a
-  token falls back to its top-1 expert by score, with weight 1.
+  token falls back to its top-1 expert by score, with weight 1; with
+  `train_fallback=True` it does in training too, and the weight 1 is straight-through
+  s / s, so the task gradient reaches that expert's score: without it a token whose
+  scores all fall below the thresholds gets no gradient that could bring one back
+  (relu passes none below 0), and a layer can die (README, "The default LM"). The
+  straight-through `gates` stay 0 for fallback pairs: they record what the thresholds
+  chose.
 
   Args:
     tokens: [T, D] router inputs.
     gate_embeddings: [E, D] learned gate embeddings W.
     thresholds: [E] trainable thresholds G (pre-sigmoid).
-    scale: temperature applied to cosine similarity and thresholds.
+    scale: temperature applied to cosine similarity and thresholds (a float, or a traced
+      scalar when it is learned).
     training: selects the zero-expert behaviour described above (Python bool).
+    train_fallback: the evaluation fallback in training too (Python bool).
   """
   if tokens.ndim != 2 or gate_embeddings.ndim != 2:
     raise ValueError(f'top_any: tokens [T, D] and gate_embeddings [E, D] expected, got '
@@ -173,11 +191,13 @@ def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array
   denominator = (gate_st.sum(axis=-1, keepdims=True) if differentiable_normalization
                  else num_active.astype(gate_st.dtype))
   weights = gate_st / jnp.maximum(denominator, 1)
-  if not training:
+  if train_fallback or not training:
     fallback = jax.nn.one_hot(jnp.argmax(scores, axis=-1), num_experts, dtype=jnp.bool_)
     unrouted = num_active == 0
     mask = jnp.where(unrouted, fallback, mask)
-    weights = jnp.where(unrouted, fallback.astype(weights.dtype), weights)
+    # exactly 1, with the gradient of the score (scores are sigmoids: > 0)
+    unit = scores / jnp.maximum(jax.lax.stop_gradient(scores), 1e-30)
+    weights = jnp.where(unrouted, jnp.where(fallback, unit, 0.0), weights)
   return _output(mask, weights, scores, gate_st)
 
 

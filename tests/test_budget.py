@@ -24,6 +24,17 @@ def test_the_weight_rises_above_the_target_and_falls_below_it():
   assert b.loss_weights(controls) == {'layer_1': {'efficiency': controls['layer_1']}}
 
 
+def test_with_a_training_fallback_unrouted_tokens_are_not_counted_twice():
+  config = load_config('tiny')
+  config.model.moe.target_experts_per_token = 1.5
+  assert budget_lib.from_config(config, (0, 4)).add_unrouted
+  config.model.moe.top_any_train_fallback = True
+  b = budget_lib.from_config(config, (0, 4))
+  assert not b.add_unrouted
+  # training's 1.4 already holds the fallback expert of its 0.4 unrouted tokens: < 1.5
+  assert float(b.update(b.initial_controls(), metrics(1.4, 0.4))['layer_1']) < 0.01
+
+
 def test_config_budget_is_off_by_default_and_sized_into_capacity():
   config = load_config('tiny')
   assert budget_lib.from_config(config, (0, 4)) is None

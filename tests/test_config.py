@@ -1,17 +1,24 @@
 """Config validation: every bad value stops before compilation, naming the field."""
+import glob
+import os
+
+import numpy as np
 import pytest
 
 from dynmoe_jax import config_lib
-from tests.conftest import load_config
+from tests.conftest import ROOT, load_config
 
-ALL_CONFIGS = ['mnist1d_dynmoe', 'mnist1d_dense', 'mnist1d_topk', 'mnist1d_topp',
-               'mnist1d_damoe', 'lm_dynmoe', 'lm_topk', 'lm_small', 'tiny', 'lm_tiny']
+ALL_CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
+                     for p in glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
 
 @pytest.mark.parametrize('name', ALL_CONFIGS)
 def test_shipped_configs_validate(name):
-  layout = config_lib.validate(load_config(name))
-  assert len(layout) == load_config(name).model.num_layers
+  config = load_config(name)
+  # on the devices its mesh names (lm_tpu: 8)
+  devices = int(np.prod([s for s in config.mesh.values() if s != -1]))
+  layout = config_lib.validate(config, num_devices=devices)
+  assert len(layout) == config.model.num_layers
 
 
 BAD_CONFIGS = [
@@ -54,6 +61,11 @@ BAD_CONFIGS = [
     ('model.moe.num_experts', 0,
      "config.model.moe.num_experts=0 is invalid: must be >= 1 for each MoE block (1,); for a "
      "dense model set model.moe_layers='none'"),
+    ('model.moe.top_any_scale', 0.0, 'config.model.moe.top_any_scale=0.0 is invalid'),
+    ({'model.moe.top_any_learned_scale': True, 'model.moe.top_any_scale': 10.0,
+      'model.moe.top_any_max_scale': 5.0},
+     'config.model.moe.top_any_max_scale=5.0 is invalid: must be a number >= '
+     'model.moe.top_any_scale=10.0'),
     ({'adaptive.enabled': True, 'adaptive.compile_lead_steps': -1},
      'config.adaptive.compile_lead_steps=-1 is invalid: must be an int >= 0'),
 ]

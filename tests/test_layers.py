@@ -106,6 +106,58 @@ class MoELayerTest(parameterized.TestCase):
     assert float(aux_eval.metrics['active_experts']) == 1.0  # top-1 fallback
     assert float(jnp.abs(y_eval).sum()) > 0
 
+  def test_top_any_train_fallback_keeps_a_layer_alive_and_its_gradient(self):
+    # All scores below all thresholds: without the fallback no token is routed and no
+    # task gradient reaches the router (the collapse of README "The default LM"); with
+    # it each token takes its top-1 expert at weight 1, the gradient reaches the gate
+    # embeddings, and the record still counts the tokens as unrouted.
+    x, _ = make_inputs(4)
+    moe = lambda **kw: build('top_any', diversity_weight=0.0, simplicity_weight=0.0,
+                             load_balance_weight=0.0, efficiency_weight=0.0, **kw)
+    variables = moe().init(jax.random.PRNGKey(0), x)
+    params = {**nn.meta.unbox(variables['params']), 'thresholds': jnp.full((E,), 5.0)}
+
+    def task_loss(p, module):
+      y, aux = module.apply({'params': p}, x, training=True)
+      return jnp.sum(y ** 2), aux
+
+    (_, aux), grads = jax.value_and_grad(task_loss, has_aux=True)(params, moe())
+    assert not np.any(grads['gate_embeddings']) and float(aux.metrics['active_experts']) == 0
+    fallback = moe(top_any_train_fallback=True)
+    (_, aux), grads = jax.value_and_grad(task_loss, has_aux=True)(params, fallback)
+    assert np.abs(grads['gate_embeddings']).max() > 1e-6
+    assert float(aux.metrics['active_experts']) == 1.0
+    assert float(aux.metrics['unrouted_fraction']) == 1.0
+    assert int(aux.record.unrouted_count) == B * S
+    # training with the fallback = evaluation's output for these tokens
+    y_train, _ = fallback.apply({'params': params}, x, training=True)
+    y_eval, _ = moe().apply({'params': params}, x, training=False)
+    np.testing.assert_allclose(y_train, y_eval, rtol=1e-6, atol=1e-6)
+
+  def test_top_any_learned_scale_starts_at_top_any_scale_and_is_capped(self):
+    x, _ = make_inputs(5)
+    fixed = lambda scale: build('top_any', top_any_scale=scale)
+    learned = build('top_any', top_any_scale=10.0, top_any_learned_scale=True,
+                    top_any_max_scale=100.0)
+    params = nn.meta.unbox(learned.init(jax.random.PRNGKey(0), x)['params'])
+    assert float(params['log_scale']) == pytest.approx(np.log(10.0))
+    params = {**params, 'thresholds': jnp.linspace(-0.2, 0.2, E)}
+    without = {k: v for k, v in params.items() if k != 'log_scale'}
+
+    def loss(p, module):
+      y, aux = module.apply({'params': p}, x, training=True)
+      return jnp.sum(y ** 2) + aux.loss
+
+    # the same loss as a fixed scale of 10, and a gradient for the scale
+    value, grads = jax.value_and_grad(loss)(params, learned)
+    assert float(value) == pytest.approx(float(loss(without, fixed(10.0))), rel=1e-6)
+    assert abs(float(grads['log_scale'])) > 0
+    # above the cap: the capped scale, and no gradient (as torch.clamp in the reference)
+    high = {**params, 'log_scale': jnp.asarray(np.log(300.0), jnp.float32)}
+    value, grads = jax.value_and_grad(loss)(high, learned)
+    assert float(value) == pytest.approx(float(loss(without, fixed(100.0))), rel=1e-5)
+    assert float(grads['log_scale']) == 0.0
+
   def test_gradients_match_finite_differences(self):
     x, _ = make_inputs(3)
     x = x[:, :4]

@@ -16,8 +16,10 @@ E, D, F = 4, 8, 16
 
 def test_every_router_creates_exactly_its_router_params():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, D))
+  # every option that adds a router parameter on, so that all of them are created
+  options = {'top_any': {'top_any_learned_scale': True}}
   for name, spec in routers.REGISTRY.items():
-    moe = layers.MoE(num_experts=E, hidden_dim=F, router=name)
+    moe = layers.MoE(num_experts=E, hidden_dim=F, router=name, **options.get(name, {}))
     importance = jnp.ones((2, 5)) if spec.needs_token_importance else None
     params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
                            ['params'])

@@ -9,7 +9,9 @@ their own K; the controller only moves the price of an expert. The weights live 
 the train state: checkpointed, exact on resume, replicated on a mesh.
 
 The count controlled is the one evaluation reports: training's experts per token plus
-the tokens that activated none (in evaluation those fall back to their top-1 expert).
+the tokens that activated none (in evaluation those fall back to their top-1 expert),
+unless training falls back too (`top_any_train_fallback`): then training's count already
+holds that expert.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Budget:
   loss: str                  # the aux-loss term whose weight is controlled
   initial_weight: float
   layers: Tuple[str, ...]    # MoE block names
+  # training's active_experts lacks evaluation's top-1 fallback for unrouted tokens
+  add_unrouted: bool = True
 
   def initial_controls(self) -> Dict[str, jax.Array]:
     return {layer: jnp.asarray(self.initial_weight, jnp.float32) for layer in self.layers}
@@ -42,8 +46,9 @@ class Budget:
              ) -> Dict[str, jax.Array]:
     out = {}
     for layer in self.layers:
-      experts = (metrics[names.metric_key(layer, 'active_experts')]
-                 + metrics[names.metric_key(layer, 'unrouted_fraction')])
+      experts = metrics[names.metric_key(layer, 'active_experts')]
+      if self.add_unrouted:
+        experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
       factor = jnp.where(experts > self.target, self.rate, 1.0 / self.rate)
       out[layer] = jnp.clip(controls[layer] * factor, MIN_WEIGHT, MAX_WEIGHT).astype(jnp.float32)
     return out
@@ -56,4 +61,5 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
   loss = routers.get(moe.router).budget_loss
   initial = moe[f'{loss}_weight'] or 0.01
   return Budget(float(moe.target_experts_per_token), float(moe.budget_rate), loss,
-                float(initial), tuple(names.moe_layer_names(layout)))
+                float(initial), tuple(names.moe_layer_names(layout)),
+                add_unrouted=not moe.top_any_train_fallback)
