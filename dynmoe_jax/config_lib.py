@@ -176,7 +176,8 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
     _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',
-               'efficiency_weight', 'z_loss_weight', 'entropy_weight'):
+               'efficiency_weight', 'gshard_balance_weight', 'z_loss_weight',
+               'entropy_weight'):
     if moe[name] < 0:
       _fail(f'model.moe.{name}', moe[name], 'must be >= 0')
   layout = experts_layout(config)

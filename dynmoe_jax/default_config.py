@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.simplicity_weight = 0.01
   c.model.moe.load_balance_weight = 0.01  # top-any too: over tokens with an expert
   c.model.moe.efficiency_weight = 0.01    # top-any: mean K / E (the reference's 2025 term)
+  c.model.moe.gshard_balance_weight = 0.0  # top-any: GShard's loss on the binary scores
   # Compute budget: experts per token to hold (None = off). Capacity is sized for it and
   # the efficiency weight becomes a per-layer controller (x or / budget_rate per step).
   c.model.moe.target_experts_per_token = placeholder(float)

@@ -97,7 +97,8 @@ class MoE(nn.Module):
       (multiplied or divided by budget_rate) so the mean experts per token meets it.
     *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
       Top-any: diversity, simplicity, load_balance (over tokens with an expert) and
-      efficiency (mean K / E), the reference's four terms; the others: load_balance,
+      efficiency (mean K / E), the reference's four terms, and optionally gshard_balance
+      (GShard's loss on the binary scores, off by default); the others: load_balance,
       z_loss (and entropy for top-p). See `routers.REGISTRY`.
   The defaults are those of `default_config.base_config().model.moe`.
   """
@@ -128,6 +129,7 @@ class MoE(nn.Module):
   simplicity_weight: float = 0.01
   load_balance_weight: float = 0.01
   efficiency_weight: float = 0.01
+  gshard_balance_weight: float = 0.0
   z_loss_weight: float = 1e-3
   target_experts_per_token: Optional[float] = None
   budget_rate: float = 1.05

@@ -86,6 +86,24 @@ def top_any_load_balance(gates: jax.Array, mask: jax.Array) -> jax.Array:
   return num_experts * num_experts * jnp.mean(me * ce)
 
 
+def top_any_gshard_balance(gates: jax.Array, scores: jax.Array) -> jax.Array:
+  """GShard's load balance on top-any's binary scores (the reference's DomainBed runs:
+  Tutel's gshard_loss fed the straight-through gates): me_e = mean over all tokens of the
+  gate of e (1 where its threshold passed; gradient through the straight-through
+  estimator), ce_e = the fraction of tokens whose first expert (the highest-scoring one
+  that passed) is e; tokens where none passed count for no expert (a top-1 fallback
+  neither). E · sum_e(me_e · ce_e): 1 when balanced with one expert per token.
+
+  gates: float[T, E] straight-through gates (RouterOutput.gates); scores: float[T, E].
+  """
+  gates = upcast(gates)
+  num_experts = gates.shape[-1]
+  passed = gates > 0
+  first = jnp.argmax(jnp.where(passed, upcast(scores), -jnp.inf), axis=-1)
+  first = jax.nn.one_hot(first, num_experts, dtype=gates.dtype) * passed.any(-1, keepdims=True)
+  return num_experts * jnp.sum(jnp.mean(gates, axis=0) * jnp.mean(first, axis=0))
+
+
 def efficiency(gates: jax.Array) -> jax.Array:
   """DynMoE's efficiency loss (reference, 2025): mean over tokens and experts of the
   straight-through gates = mean K / E. Its gradient, through the straight-through

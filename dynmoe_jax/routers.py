@@ -96,7 +96,9 @@ def _losses_top_any(settings, route, logits, params) -> LossTerms:
           'simplicity': (settings.simplicity_weight, lambda: losses.simplicity(embeddings)),
           'load_balance': (settings.load_balance_weight,
                            lambda: losses.top_any_load_balance(route.gates, route.mask)),
-          'efficiency': (settings.efficiency_weight, lambda: losses.efficiency(route.gates))}
+          'efficiency': (settings.efficiency_weight, lambda: losses.efficiency(route.gates)),
+          'gshard_balance': (settings.gshard_balance_weight, lambda: losses.top_any_gshard_balance(
+              route.gates, route.scores))}
 
 
 def _new_top_any(kept, direction, keep):

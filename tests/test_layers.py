@@ -134,6 +134,17 @@ class MoELayerTest(parameterized.TestCase):
     y_eval, _ = moe().apply({'params': params}, x, training=False)
     np.testing.assert_allclose(y_train, y_eval, rtol=1e-6, atol=1e-6)
 
+  def test_top_any_gshard_balance_weight_adds_its_term(self):
+    x, _ = make_inputs(6)
+    base = build('top_any')
+    variables = base.init(jax.random.PRNGKey(0), x)
+    _, aux = base.apply(variables, x, training=True)
+    assert 'gshard_balance' not in aux.metrics  # weight 0 by default: not computed
+    _, aux_g = build('top_any', gshard_balance_weight=0.5).apply(variables, x, training=True)
+    assert float(aux_g.metrics['gshard_balance']) > 0
+    assert float(aux_g.loss) == pytest.approx(
+        float(aux.loss) + 0.5 * float(aux_g.metrics['gshard_balance']), rel=1e-6)
+
   def test_top_any_learned_scale_starts_at_top_any_scale_and_is_capped(self):
     x, _ = make_inputs(5)
     fixed = lambda scale: build('top_any', top_any_scale=scale)

@@ -121,3 +121,32 @@ def test_efficiency_gradient_raises_thresholds():
   assert bool(jnp.all(grad < 0))  # gradient descent raises every threshold: fewer experts
   assert float(loss(jnp.zeros(4))) == pytest.approx(
       float(routing.top_any(tokens, gates, jnp.zeros(4)).num_active.mean()) / 4)
+
+
+def test_gshard_balance_on_binary_scores_by_hand():
+  # 4 tokens, 2 experts. Gates (thresholds passed): t0 {0, 1}, t1 {0}, t2 {1}, t3 none;
+  # first experts by score: t0 -> 1 (0.9 > 0.6), t1 -> 0, t2 -> 1; t3 counts for none.
+  gates = jnp.array([[1., 1.], [1., 0.], [0., 1.], [0., 0.]])
+  scores = jnp.array([[0.6, 0.9], [0.7, 0.2], [0.1, 0.8], [0.3, 0.4]])
+  me, ce = np.array([2, 2]) / 4, np.array([1, 2]) / 4
+  assert float(losses.top_any_gshard_balance(gates, scores)) == pytest.approx(
+      2 * float(np.sum(me * ce)))
+  # one expert per token, spread evenly: 1; all tokens on one expert: E
+  eye = jnp.eye(4)
+  assert float(losses.top_any_gshard_balance(eye, eye)) == pytest.approx(1.0)
+  one = jnp.zeros((4, 4)).at[:, 2].set(1.0)
+  assert float(losses.top_any_gshard_balance(one, one)) == pytest.approx(4.0)
+
+
+def test_gshard_balance_gradient_lowers_the_busiest_experts_gate():
+  from dynmoe_jax import routing
+  rng = np.random.RandomState(4)
+  tokens, embeddings = jnp.asarray(rng.randn(64, 8)), jnp.asarray(rng.randn(4, 8))
+  thresholds = jnp.array([-0.5, 0.2, 0.2, 0.2])  # expert 0 takes most tokens first
+
+  def loss(t):
+    out = routing.top_any(tokens, embeddings, t, training=True)
+    return losses.top_any_gshard_balance(out.gates, out.scores)
+  grad = jax.grad(loss)(thresholds)
+  # descent raises the busiest expert's threshold the most
+  assert int(jnp.argmin(grad)) == 0 and float(grad[0]) < 0
