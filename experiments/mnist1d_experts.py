@@ -49,10 +49,18 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   e8_k4.model.moe.expected_k = 4.0
   budget = dynmoe(4)
   budget.model.moe.target_experts_per_token = 1.5
+  # the default job with the top-1 fallback in training / with the reference's learned
+  # temperature (gated_multi_gate_t: 10, learned in log space, capped at 100)
+  fallback = dynmoe(4)
+  fallback.model.moe.top_any_train_fallback = True
+  learned_scale = dynmoe(4)
+  learned_scale.model.moe.top_any_learned_scale = True
+  learned_scale.model.moe.top_any_scale = 10.0
   # dynmoe_e4 is the default job (configs/mnist1d_dynmoe.py); _2024_losses drops the
   # reference's load balance and efficiency terms, as in the paper
   configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
              'dynmoe_e4_2024_losses': dynmoe(4, losses='2024'), 'dynmoe_e4_budget1.5': budget,
+             'dynmoe_e4_fallback': fallback, 'dynmoe_e4_learned_scale': learned_scale,
              'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
   for c in configs.values():
     c.num_train_steps = steps
@@ -85,6 +93,9 @@ def main():
                       'their old workdir names, others get a _seed<N> suffix')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                      'mnist1d_experts'))
+  parser.add_argument('--results_name', default=None,
+                      help='JSON file name under --out (default: results.json for seed 0 '
+                      'alone, results_seeds.json for several)')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
   results, by_seed = [], {}
@@ -101,17 +112,21 @@ def main():
         results.append(summary)
       print(json.dumps({k: v for k, v in summary.items() if k != 'adaptations'}), flush=True)
 
-  out_name = 'results.json' if seeds == [0] else 'results_seeds.json'
+  out_name = args.results_name or ('results.json' if seeds == [0] else 'results_seeds.json')
   with open(os.path.join(args.out, out_name), 'w') as f:
     json.dump({'steps': args.steps, 'seeds': seeds, 'results': results,
                'by_seed': by_seed}, f, indent=2)
   if len(seeds) > 1:
-    print(f'\n| run | test accuracy, seeds {args.seeds} | mean ± std |')
-    print('|---|---|---|')
+    print(f'\n| run | test accuracy, seeds {args.seeds} | mean ± std | eval experts / token '
+          '(mean of MoE layers), per seed |')
+    print('|---|---|---|---|')
     for name, runs in by_seed.items():
       accs = 100 * np.array([r['accuracy'] for r in runs])
+      active = [np.mean(list(r['active_experts'].values())) if r['active_experts'] else 0.0
+                for r in runs]
       print(f"| {name} | {', '.join(f'{a:.1f}' for a in accs)} | "
-            f'{accs.mean():.2f} ± {accs.std(ddof=1):.2f} |')
+            f'{accs.mean():.2f} ± {accs.std(ddof=1):.2f} | '
+            f"{', '.join(f'{a:.2f}' for a in active)} |")
     return
   print('\n| run | test accuracy | active experts / token (per MoE layer) | experts per layer '
         '(final) | train steps/s |')
