@@ -142,3 +142,18 @@ class CapacityTest(parameterized.TestCase):
       dispatch.dispatch(jnp.ones((4, 2)), jnp.ones((4, 3), bool), 0)
     with pytest.raises(ValueError, match='tokens'):
       dispatch.dispatch(jnp.ones((5, 2)), jnp.ones((4, 3), bool), 4)
+
+
+@pytest.mark.parametrize('density', [0.0, 0.2, 0.6, 1.0])
+def test_routed_pairs_keep_the_lowest_expert_ids_up_to_max_k(density):
+  rng = np.random.RandomState(int(density * 10))
+  mask = rng.rand(T, E) < density
+  for max_k in range(1, E + 1):
+    ids, k = dispatch._routed_pairs(jnp.asarray(mask), max_k)
+    expected = np.full((T, max_k), E)
+    for t in range(T):
+      routed = np.where(mask[t])[0][:max_k]
+      expected[t, :len(routed)] = routed
+    assert k == max_k
+    # max_k = E keeps every routed id in its own column; order does not matter downstream
+    np.testing.assert_array_equal(np.sort(ids, axis=1), expected, err_msg=f"max_k={max_k}")
