@@ -100,7 +100,18 @@ def test_lm_run_summary_and_per_byte_analysis(compare_routers, tmp_path):
 def test_lm_small_smoke(tmp_path):
   load_script('lm_small').main(['--out', str(tmp_path), '--num_train_steps', '2'])
   results = json.load(open(tmp_path / 'results.json'))
-  assert set(results) == {'top_p (lm_small)', 'top_any, budget 1.5'}
+  assert set(results) == {'top_p (lm_small)', 'top_any, budget 1.5',
+                          'top_any_fallback, budget 1.5'}
   assert all(np.isfinite(r['bits_per_byte']) and r['tokens_per_sec'] > 0
              for r in results.values())
   assert (tmp_path / 'lm_small.png').exists() and (tmp_path / 'results.md').exists()
+
+
+def test_bench_scaling_smoke(tmp_path):
+  out = tmp_path / 'scaling'
+  load_script('bench_scaling').main(['--tokens', '256', '--dim', '32', '--hidden', '64',
+                                     '--reps', '1', '--out', str(out)])
+  rows = json.load(open(f'{out}.json'))['rows']
+  assert [r['piece'] for r in rows][:2] == ['MoE layer', 'expert FFNs alone']
+  assert all(r['ms_E8'] > 0 and r['ms_E64'] > 0 and r['ratio'] > 0 for r in rows)
+  assert os.path.exists(f'{out}.png')
