@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the efficiency weight becomes a per-layer controller (x or / budget_rate per step).
   c.model.moe.target_experts_per_token = placeholder(float)
   c.model.moe.budget_rate = 1.05
+  c.model.moe.budget_two_sided = False  # True: below the target the weight turns negative
   c.model.moe.z_loss_weight = 1e-3
   c.model.moe.entropy_weight = 1e-4
 

@@ -49,6 +49,9 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   e8_k4.model.moe.expected_k = 4.0
   budget = dynmoe(4)
   budget.model.moe.target_experts_per_token = 1.5
+  budget_two_sided = dynmoe(4)
+  budget_two_sided.model.moe.target_experts_per_token = 1.5
+  budget_two_sided.model.moe.budget_two_sided = True
   # the default job with the top-1 fallback in training / with the reference's learned
   # temperature (gated_multi_gate_t: 10, learned in log space, capped at 100)
   fallback = dynmoe(4)
@@ -60,6 +63,7 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   # reference's load balance and efficiency terms, as in the paper
   configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
              'dynmoe_e4_2024_losses': dynmoe(4, losses='2024'), 'dynmoe_e4_budget1.5': budget,
+             'dynmoe_e4_budget1.5_two_sided': budget_two_sided,
              'dynmoe_e4_fallback': fallback, 'dynmoe_e4_learned_scale': learned_scale,
              'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
   for c in configs.values():

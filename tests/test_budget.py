@@ -57,3 +57,23 @@ def test_a_budget_needs_a_router_that_takes_one():
   config.model.moe.target_experts_per_token = 5.0
   with pytest.raises(config_lib.ConfigError, match=r'must be in \(0, 4\]'):
     config_lib.validate(config, num_devices=1)
+
+
+def test_two_sided_budget_turns_the_price_into_a_subsidy_and_back():
+  b = budget_lib.Budget(target=1.5, rate=10.0, loss='efficiency', initial_weight=1e-4,
+                        layers=('layer_1',), two_sided=True)
+  w = b.initial_controls()
+  below, above = metrics(1.0, 0.0), metrics(2.0, 0.0)
+  seen = []
+  for _ in range(4):
+    w = b.update(w, below)
+    seen.append(float(w['layer_1']))
+  # 1e-5, then 1e-6 (the floor), then the sign flips at the floor and the subsidy grows
+  assert seen == pytest.approx([1e-5, 1e-6, -1e-6, -1e-5])
+  for _ in range(3):
+    w = b.update(w, above)
+    seen.append(float(w['layer_1']))
+  assert seen[-3:] == pytest.approx([-1e-6, 1e-6, 1e-5])
+  one_sided = budget_lib.Budget(1.5, 10.0, 'efficiency', 1e-6, ('layer_1',))
+  assert float(one_sided.update(one_sided.initial_controls(), below)['layer_1']) == \
+      pytest.approx(budget_lib.MIN_WEIGHT)

@@ -5,7 +5,10 @@ MoE layer's weight of the router's budget loss (top-any: the efficiency loss, me
 K / E) is controller state, adapted every step in the manner of ReMoE's adaptive L1
 coefficient (arXiv 2412.14711): multiplied by `rate` while the layer activates more
 experts per token than the target, divided by it while fewer. Tokens still choose
-their own K; the controller only moves the price of an expert. The weights live in
+their own K; the controller only moves the price of an expert. A price cannot raise K: a
+layer whose own choice is below the target stays below it. `two_sided=True` lets the
+weight pass through zero into a subsidy (a negative weight: the efficiency gradient then
+lowers the thresholds of the experts in use). The weights live in
 the train state: checkpointed, exact on resume, replicated on a mesh.
 
 The count controlled is the one evaluation reports: training's experts per token plus
@@ -35,6 +38,8 @@ class Budget:
   layers: Tuple[str, ...]    # MoE block names
   # training's active_experts lacks evaluation's top-1 fallback for unrouted tokens
   add_unrouted: bool = True
+  # the weight may change sign: below the target a negative weight subsidises experts
+  two_sided: bool = False
 
   def initial_controls(self) -> Dict[str, jax.Array]:
     return {layer: jnp.asarray(self.initial_weight, jnp.float32) for layer in self.layers}
@@ -49,8 +54,20 @@ class Budget:
       experts = metrics[names.metric_key(layer, 'active_experts')]
       if self.add_unrouted:
         experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
-      factor = jnp.where(experts > self.target, self.rate, 1.0 / self.rate)
-      out[layer] = jnp.clip(controls[layer] * factor, MIN_WEIGHT, MAX_WEIGHT).astype(jnp.float32)
+      above = experts > self.target
+      weight = controls[layer]
+      if not self.two_sided:
+        factor = jnp.where(above, self.rate, 1.0 / self.rate)
+        out[layer] = jnp.clip(weight * factor, MIN_WEIGHT, MAX_WEIGHT).astype(jnp.float32)
+        continue
+      # The magnitude moves multiplicatively as above; a weight that shrinks past
+      # MIN_WEIGHT changes sign, so the controller can raise K as well as lower it.
+      away_from_zero = above == (weight > 0)
+      magnitude = jnp.abs(weight) * jnp.where(away_from_zero, self.rate, 1.0 / self.rate)
+      crosses = ~away_from_zero & (magnitude < MIN_WEIGHT)
+      sign = jnp.where(crosses, -jnp.sign(weight), jnp.sign(weight))
+      magnitude = jnp.where(crosses, MIN_WEIGHT, jnp.clip(magnitude, MIN_WEIGHT, MAX_WEIGHT))
+      out[layer] = (sign * magnitude).astype(jnp.float32)
     return out
 
 
@@ -62,4 +79,5 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
   initial = moe[f'{loss}_weight'] or 0.01
   return Budget(float(moe.target_experts_per_token), float(moe.budget_rate), loss,
                 float(initial), tuple(names.moe_layer_names(layout)),
-                add_unrouted=not moe.top_any_train_fallback)
+                add_unrouted=not moe.top_any_train_fallback,
+                two_sided=bool(moe.budget_two_sided))
