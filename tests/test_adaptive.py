@@ -306,3 +306,16 @@ def test_a_plan_that_keeps_the_shapes_keeps_the_compiled_steps(tmp_path, caplog)
     compiled, waited, ahead = boundary._compiled_for(current.layout, current)
   assert compiled is current and (waited, ahead) == (0.0, True)
   assert boundary._ahead is None and not caplog.records
+
+
+def test_resize_keeps_a_learned_temperature():
+  moe, x, boxed, params = init_moe(top_any_learned_scale=True, top_any_scale=10.0)
+  params = {**params, 'log_scale': jnp.asarray(2.5, jnp.float32)}
+  plan, layer = make_plan(moe, boxed, params, record([3, 0, 2, 1], 5, -np.ones(D)))
+  new_params, _ = adaptive.resize(params, (), plan)
+  assert float(new_params['log_scale']) == 2.5
+  assert new_params['gate_embeddings'].shape == (layer.new_count, D)
+  resized = layers.MoE(num_experts=layer.new_count, hidden_dim=F, router='top_any',
+                       top_any_learned_scale=True, capacity_factor=64.0)
+  y, _ = resized.apply({'params': new_params}, x, training=True)
+  assert np.all(np.isfinite(np.asarray(y)))
