@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.target_experts_per_token = placeholder(float)
   c.model.moe.budget_rate = 1.05
   c.model.moe.budget_two_sided = False  # True: below the target the weight turns negative
+  # None: each update multiplies or divides by budget_rate once; u: once per u of relative
+  # error |K - target| / target, up to 5 times (train.budget)
+  c.model.moe.budget_error_unit = placeholder(float)
   c.model.moe.z_loss_weight = 1e-3
   c.model.moe.entropy_weight = 1e-4
 

@@ -37,9 +37,10 @@ from dynmoe_jax.default_config import lm_config, mnist1d_config
 TASKS = ('mnist1d', 'lm')
 ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe',
            'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive', 'top2_cap', 'dynmoe_cap',
-           'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s')
+           'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
-           'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s')
+           'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
+           'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -99,11 +100,12 @@ def router_variants() -> Dict[str, Callable]:
     dynmoe(c)
     c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
 
-  def budget(target, two_sided=False):
+  def budget(target, two_sided=False, error_unit=None):
     def edit(c):
       dynmoe(c)
       c.model.moe.target_experts_per_token = target
       c.model.moe.budget_two_sided = two_sided
+      c.model.moe.budget_error_unit = error_unit
     return edit
 
   def dynmoe_adaptive(c):
@@ -130,6 +132,9 @@ def router_variants() -> Dict[str, Callable]:
               'top_p0.6': top_p(0.6), 'damoe': damoe, 'dynmoe_2024': dynmoe_2024,
               'dynmoe': dynmoe, 'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
               'dynmoe_b1.5_2s': budget(1.5, two_sided=True),
+              # updates scaled with the error (one budget_rate step per 10%, up to 5)
+              'dynmoe_b1.5_p': budget(1.5, error_unit=0.1),
+              'dynmoe_b1.5_2sp': budget(1.5, two_sided=True, error_unit=0.1),
               'dynmoe_adaptive': dynmoe_adaptive}
   for name in ROUTERS:
     if name.endswith(CAPACITY_SUFFIX):

@@ -77,3 +77,17 @@ def test_two_sided_budget_turns_the_price_into_a_subsidy_and_back():
   one_sided = budget_lib.Budget(1.5, 10.0, 'efficiency', 1e-6, ('layer_1',))
   assert float(one_sided.update(one_sided.initial_controls(), below)['layer_1']) == \
       pytest.approx(budget_lib.MIN_WEIGHT)
+
+
+def test_error_unit_scales_each_update_with_the_error():
+  b = budget_lib.Budget(target=1.5, rate=2.0, loss='efficiency', initial_weight=0.01,
+                        layers=('layer_1',), error_unit=0.1)
+  w = b.initial_controls()
+  # 5% above: half a step (x 2**0.5); 20% below: two steps (/ 4); far off: capped at 5
+  assert float(b.update(w, metrics(1.575, 0.0))['layer_1']) == pytest.approx(0.01 * 2 ** 0.5)
+  assert float(b.update(w, metrics(1.2, 0.0))['layer_1']) == pytest.approx(0.01 / 4)
+  assert float(b.update(w, metrics(6.0, 0.0))['layer_1']) == pytest.approx(0.01 * 2 ** 5)
+  config = load_config('tiny')
+  config.model.moe.target_experts_per_token = 1.5
+  config.model.moe.budget_error_unit = 0.1
+  assert budget_lib.from_config(config, (0, 4)).error_unit == 0.1

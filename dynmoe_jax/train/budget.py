@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from dynmoe_jax import names, routers
 
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e2
+MAX_STEPS = 5.0  # most `rate` steps in one update (error_unit set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Budget:
   add_unrouted: bool = True
   # the weight may change sign: below the target a negative weight subsidises experts
   two_sided: bool = False
+  # None: one `rate` step per update whatever the error (ReMoE's rule). A float u: the
+  # relative error |K - target| / target counts as one step per u, up to MAX_STEPS, so a
+  # far-off layer is corrected in tens of steps and a near one barely moves.
+  error_unit: Optional[float] = None
 
   def initial_controls(self) -> Dict[str, jax.Array]:
     return {layer: jnp.asarray(self.initial_weight, jnp.float32) for layer in self.layers}
@@ -56,14 +61,19 @@ class Budget:
         experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
       above = experts > self.target
       weight = controls[layer]
+      steps = 1.0
+      if self.error_unit is not None:
+        error = jnp.abs(experts - self.target) / self.target
+        steps = jnp.minimum(error / self.error_unit, MAX_STEPS)
+      step = jnp.power(self.rate, steps)
       if not self.two_sided:
-        factor = jnp.where(above, self.rate, 1.0 / self.rate)
+        factor = jnp.where(above, step, 1.0 / step)
         out[layer] = jnp.clip(weight * factor, MIN_WEIGHT, MAX_WEIGHT).astype(jnp.float32)
         continue
       # The magnitude moves multiplicatively as above; a weight that shrinks past
       # MIN_WEIGHT changes sign, so the controller can raise K as well as lower it.
       away_from_zero = above == (weight > 0)
-      magnitude = jnp.abs(weight) * jnp.where(away_from_zero, self.rate, 1.0 / self.rate)
+      magnitude = jnp.abs(weight) * jnp.where(away_from_zero, step, 1.0 / step)
       crosses = ~away_from_zero & (magnitude < MIN_WEIGHT)
       sign = jnp.where(crosses, -jnp.sign(weight), jnp.sign(weight))
       magnitude = jnp.where(crosses, MIN_WEIGHT, jnp.clip(magnitude, MIN_WEIGHT, MAX_WEIGHT))
@@ -80,4 +90,6 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
   return Budget(float(moe.target_experts_per_token), float(moe.budget_rate), loss,
                 float(initial), tuple(names.moe_layer_names(layout)),
                 add_unrouted=not moe.top_any_train_fallback,
-                two_sided=bool(moe.budget_two_sided))
+                two_sided=bool(moe.budget_two_sided),
+                error_unit=None if moe.budget_error_unit is None
+                else float(moe.budget_error_unit))
