@@ -1,10 +1,11 @@
 """The default LM (configs/lm_small.py, top-p) beside the same decoder with top-any and a
-budget of 1.5 experts per token, without and with the top-1 fallback in training: final
+budget of 1.5 experts per token, without and with the top-1 fallback in training (and
+with the budget's updates scaled with its error): final
 test bits/byte, experts per token, training-time unrouted tokens, throughput, wall time. Each variant trains into OUT/runs/<variant>
 (a finished run, one with summary.json, is only summarised), then a table, JSON and a
 PNG of the training curves are written.
 
-  python experiments/lm_small.py            # ~35 minutes on a 2-core CPU, runs one at a time
+  python experiments/lm_small.py            # ~50 minutes on a 2-core CPU, runs one at a time
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ VARIANTS = {
     'top_any_fallback, budget 1.5': {'model.moe.router': 'top_any',
                                      'model.moe.target_experts_per_token': 1.5,
                                      'model.moe.top_any_train_fallback': True},
+    # and the budget's updates scaled with its error (budget_error_unit)
+    'top_any_fallback_p, budget 1.5': {'model.moe.router': 'top_any',
+                                       'model.moe.target_experts_per_token': 1.5,
+                                       'model.moe.top_any_train_fallback': True,
+                                       'model.moe.budget_error_unit': 0.1},
 }
 
 
