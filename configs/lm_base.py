@@ -16,37 +16,29 @@ Capacity is re-planned from routing every 500 steps, so the budget run computes 
 its router uses. Out of memory: `--config.model.remat=dots` (or `full`), or a smaller
 `--config.batch_size`.
 """
-from dynmoe_jax.default_config import lm_config
+from dynmoe_jax.default_config import decoder_lm_config
 
 
 def get_config():
-  config = lm_config('top_k')
+  config = decoder_lm_config('top_k')
   config.num_train_steps = 3000
   config.batch_size = 64
   config.eval_batch_size = 64
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 1000
-  config.data.name = 'python_corpus'
-  config.data.eval_split = 'test[:2048]'
   config.data.seq_len = 1024
   m = config.model
-  m.arch = 'decoder'
-  m.max_len = 1024
   m.num_layers = 12
   m.dim = 768
   m.num_heads = 12
   m.mlp_dim = 2048
   m.dtype = 'bfloat16'
-  m.param_dtype = 'float32'
   m.moe.k = 2
   m.moe.num_experts = 16
   m.moe.hidden_dim = 768
-  m.moe.glu = True
-  m.moe.activation = 'silu'
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 300
-  config.optimizer.min_lr_ratio = 0.1
   config.optimizer.weight_decay = 0.1
   a = config.adaptive
   a.capacity = True

@@ -12,34 +12,27 @@ Why top-p and not top-any: with this decoder and learning rate, top-any (budget 
 collapsed: by step 200 93% of training tokens activated no expert and by step 700 all
 of them, so both MoE blocks went unused (README, "The default LM").
 """
-from dynmoe_jax.default_config import lm_config
+from dynmoe_jax.default_config import decoder_lm_config
 
 
 def get_config():
-  config = lm_config('top_p')
+  config = decoder_lm_config('top_p')
   config.num_train_steps = 1800
   config.batch_size = 16
   config.eval_batch_size = 64
   config.log_every = 20
   config.eval_every = 600
   config.checkpoint_every = 600
-  config.data.name = 'python_corpus'
-  config.data.eval_split = 'test[:2048]'
   config.data.seq_len = 256
   m = config.model
-  m.arch = 'decoder'
-  m.max_len = 1024
   m.num_layers = 4
   m.dim = 128
   m.num_heads = 4
   m.mlp_dim = 384
   m.moe.num_experts = 8
   m.moe.hidden_dim = 128
-  m.moe.glu = True
-  m.moe.activation = 'silu'
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 200
-  config.optimizer.min_lr_ratio = 0.1
   a = config.adaptive
   a.capacity = True
   a.every = 300

@@ -187,3 +187,18 @@ def lm_config(router: str = 'top_any') -> ml_collections.ConfigDict:
   c.model.moe.num_experts = 8
   c.model.moe.hidden_dim = 64
   return c
+
+
+def decoder_lm_config(router: str) -> ml_collections.ConfigDict:
+  """A decoder LM (models/decoder.py: RMSNorm, rotary embeddings, SwiGLU dense FFNs and
+  experts, fused causal attention) on `python_corpus`; configs/lm_*.py set its sizes."""
+  c = lm_config(router)
+  c.data.name = 'python_corpus'
+  c.data.eval_split = 'test[:2048]'
+  c.model.arch = 'decoder'
+  c.model.max_len = 1024
+  c.model.moe.glu = True
+  c.model.moe.activation = 'silu'
+  c.optimizer.min_lr_ratio = 0.1
+  return c
+
