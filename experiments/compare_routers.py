@@ -37,10 +37,11 @@ from dynmoe_jax.default_config import lm_config, mnist1d_config
 TASKS = ('mnist1d', 'lm')
 ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe',
            'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive', 'top2_cap', 'dynmoe_cap',
-           'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp')
+           'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp',
+           'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
-           'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp')
+           'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -100,12 +101,13 @@ def router_variants() -> Dict[str, Callable]:
     dynmoe(c)
     c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
 
-  def budget(target, two_sided=False, error_unit=None):
+  def budget(target, two_sided=False, error_unit=None, max_k=None):
     def edit(c):
       dynmoe(c)
       c.model.moe.target_experts_per_token = target
       c.model.moe.budget_two_sided = two_sided
       c.model.moe.budget_error_unit = error_unit
+      c.model.moe.max_k = max_k
     return edit
 
   def dynmoe_adaptive(c):
@@ -135,6 +137,8 @@ def router_variants() -> Dict[str, Callable]:
               # updates scaled with the error (one budget_rate step per 10%, up to 5)
               'dynmoe_b1.5_p': budget(1.5, error_unit=0.1),
               'dynmoe_b1.5_2sp': budget(1.5, two_sided=True, error_unit=0.1),
+              # at most 4 experts per token: the sorted pair list is T·4 long, not T·E
+              'dynmoe_b1.5_k4': budget(1.5, max_k=4),
               'dynmoe_adaptive': dynmoe_adaptive}
   for name in ROUTERS:
     if name.endswith(CAPACITY_SUFFIX):
