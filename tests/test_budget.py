@@ -91,3 +91,15 @@ def test_error_unit_scales_each_update_with_the_error():
   config.model.moe.target_experts_per_token = 1.5
   config.model.moe.budget_error_unit = 0.1
   assert budget_lib.from_config(config, (0, 4)).error_unit == 0.1
+
+
+def test_the_plain_rule_multiplies_by_the_python_float_rates():
+  # bit for bit what the rule computed before error_unit existed: x 1.05 and x (1 / 1.05)
+  # rounded once from float64, not 1 / 1.05 rounded in float32
+  b = budget_lib.Budget(target=1.5, rate=1.05, loss='efficiency', initial_weight=0.01,
+                        layers=('layer_1',))
+  w = b.initial_controls()['layer_1']
+  for experts in (2.0, 1.0, 1.0, 2.0, 1.0):
+    expected = w * (1.05 if experts > 1.5 else 1.0 / 1.05)
+    w = b.update({'layer_1': w}, metrics(experts, 0.0))['layer_1']
+    assert float(w) == float(expected)

@@ -61,19 +61,22 @@ class Budget:
         experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
       above = experts > self.target
       weight = controls[layer]
-      steps = 1.0
+      # Python floats for the plain rule: its runs stay bit-identical to the rule's first
+      # version (1 / rate rounded in float32 instead moves a trajectory by an ulp per step,
+      # and training is chaotic enough that the final accuracies move).
+      step, inverse = self.rate, 1.0 / self.rate
       if self.error_unit is not None:
         error = jnp.abs(experts - self.target) / self.target
-        steps = jnp.minimum(error / self.error_unit, MAX_STEPS)
-      step = jnp.power(self.rate, steps)
+        step = jnp.power(self.rate, jnp.minimum(error / self.error_unit, MAX_STEPS))
+        inverse = 1.0 / step
       if not self.two_sided:
-        factor = jnp.where(above, step, 1.0 / step)
+        factor = jnp.where(above, step, inverse)
         out[layer] = jnp.clip(weight * factor, MIN_WEIGHT, MAX_WEIGHT).astype(jnp.float32)
         continue
       # The magnitude moves multiplicatively as above; a weight that shrinks past
       # MIN_WEIGHT changes sign, so the controller can raise K as well as lower it.
       away_from_zero = above == (weight > 0)
-      magnitude = jnp.abs(weight) * jnp.where(away_from_zero, step, 1.0 / step)
+      magnitude = jnp.abs(weight) * jnp.where(away_from_zero, step, inverse)
       crosses = ~away_from_zero & (magnitude < MIN_WEIGHT)
       sign = jnp.where(crosses, -jnp.sign(weight), jnp.sign(weight))
       magnitude = jnp.where(crosses, MIN_WEIGHT, jnp.clip(magnitude, MIN_WEIGHT, MAX_WEIGHT))
