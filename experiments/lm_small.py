@@ -36,8 +36,13 @@ VARIANTS = {
 }
 
 
+def variant_key(variant: str) -> str:
+  """A variant's first word: its run directory and its name for --variants."""
+  return variant.split(' ')[0].strip(',')
+
+
 def run_dir(args, variant: str) -> str:
-  return os.path.join(args.out, 'runs', variant.split(' ')[0].strip(','))
+  return os.path.join(args.out, 'runs', variant_key(variant))
 
 
 def summarize(workdir: str, wall_seconds: float) -> Dict[str, Any]:
@@ -73,9 +78,17 @@ def main(argv=None):
                                                     'lm_small'))
   parser.add_argument('--num_train_steps', type=int, default=None,
                       help="the config's when unset; fewer for a smoke run")
+  parser.add_argument('--variants', default=','.join(map(variant_key, VARIANTS)),
+                      help='comma-separated first words of the variants to run and tabulate')
   args = parser.parse_args(argv)
+  wanted = args.variants.split(',')
+  unknown = sorted(set(wanted) - set(map(variant_key, VARIANTS)))
+  if unknown:
+    parser.error(f'unknown variants {unknown}')
   results = {}
   for variant, overrides in VARIANTS.items():
+    if variant_key(variant) not in wanted:
+      continue
     workdir = run_dir(args, variant)
     summary_path = os.path.join(workdir, 'summary.json')
     if not os.path.exists(summary_path):
