@@ -6,6 +6,8 @@ test bits/byte, experts per token, training-time unrouted tokens, throughput, wa
 PNG of the training curves are written.
 
   python experiments/lm_small.py            # ~50 minutes on a 2-core CPU, runs one at a time
+  python experiments/lm_small.py --variants top_p,top_any_fallback   # a subset: the table,
+      JSON and plot then hold these; every run's summary stays in OUT/runs/<variant>/
 """
 from __future__ import annotations
 
