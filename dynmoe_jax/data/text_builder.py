@@ -24,6 +24,22 @@ CHUNK_BYTES = 257  # 256 inputs + 1 shifted target
 MAX_CORPUS_BYTES = 8 * 2**20
 
 
+def chunk_info(builder: tfds.core.GeneratorBasedBuilder, chunk_bytes: int,
+               description: str) -> tfds.core.DatasetInfo:
+  """The features of a byte corpus: one uint8 'bytes' tensor of chunk_bytes per example."""
+  return builder.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict({
+          'bytes': tfds.features.Tensor(shape=(chunk_bytes,), dtype=np.uint8)}),
+      description=description)
+
+
+def chunk_examples(blob: bytes, chunk_bytes: int):
+  """(index, example) of every whole chunk_bytes-long chunk of blob, in order."""
+  array = np.frombuffer(blob, np.uint8)
+  for i in range(len(array) // chunk_bytes):
+    yield i, {'bytes': array[i * chunk_bytes:(i + 1) * chunk_bytes].copy()}
+
+
 def corpus_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get('DYNMOE_TEXT_DIR') or sysconfig.get_paths()['stdlib'])
 
@@ -45,10 +61,7 @@ class BytesCorpus(tfds.core.GeneratorBasedBuilder):
                             f'{CHUNK_BYTES}-byte chunks, at most {MAX_CORPUS_BYTES} bytes.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'bytes': tfds.features.Tensor(shape=(CHUNK_BYTES,), dtype=np.uint8)}),
-        description=__doc__)
+    return chunk_info(self, CHUNK_BYTES, __doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -66,9 +79,7 @@ class BytesCorpus(tfds.core.GeneratorBasedBuilder):
             'test': self._generate_examples(b''.join(test))}
 
   def _generate_examples(self, blob: bytes):
-    array = np.frombuffer(blob, np.uint8)
-    for i in range(len(array) // CHUNK_BYTES):
-      yield i, {'bytes': array[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES].copy()}
+    return chunk_examples(blob, CHUNK_BYTES)
 
 
 PYTHON_CHUNK_BYTES = 1025  # up to 1024 inputs + 1 shifted target
@@ -114,10 +125,7 @@ class PythonCorpus(tfds.core.GeneratorBasedBuilder):
                             f'site-packages, deduplicated, {PYTHON_CHUNK_BYTES}-byte chunks.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'bytes': tfds.features.Tensor(shape=(PYTHON_CHUNK_BYTES,), dtype=np.uint8)}),
-        description=self.__doc__)
+    return chunk_info(self, PYTHON_CHUNK_BYTES, self.__doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -130,6 +138,4 @@ class PythonCorpus(tfds.core.GeneratorBasedBuilder):
             'test': self._generate_examples(b''.join(test))}
 
   def _generate_examples(self, blob: bytes):
-    array = np.frombuffer(blob, np.uint8)
-    for i in range(len(array) // PYTHON_CHUNK_BYTES):
-      yield i, {'bytes': array[i * PYTHON_CHUNK_BYTES:(i + 1) * PYTHON_CHUNK_BYTES].copy()}
+    return chunk_examples(blob, PYTHON_CHUNK_BYTES)
