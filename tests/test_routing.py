@@ -134,6 +134,14 @@ class TopPTest(parameterized.TestCase):
       routing.top_p(jnp.zeros((4, 8)), p)
 
 
+def gradient_case(seed: int):
+  """32 tokens of width 8, 4 gate embeddings, small thresholds and a cotangent for the
+  [32, 4] combine weights: the inputs of top-any's gradient checks."""
+  rng = np.random.RandomState(seed)
+  return (jnp.asarray(rng.randn(32, 8), jnp.float32), jnp.asarray(rng.randn(4, 8), jnp.float32),
+          jnp.asarray(rng.randn(4) * 0.1, jnp.float32), jnp.asarray(rng.randn(32, 4), jnp.float32))
+
+
 class TopAnyTest(parameterized.TestCase):
 
   def test_hand_made(self):
@@ -167,11 +175,7 @@ class TopAnyTest(parameterized.TestCase):
     assert_router_output(out, mask, weights)
 
   def test_straight_through_gradient(self):
-    rng = np.random.RandomState(0)
-    tokens = jnp.asarray(rng.randn(32, 8), jnp.float32)
-    gates = jnp.asarray(rng.randn(4, 8), jnp.float32)
-    thresholds = jnp.asarray(rng.randn(4) * 0.1, jnp.float32)
-    cot = jnp.asarray(rng.randn(32, 4), jnp.float32)
+    tokens, gates, thresholds, cot = gradient_case(0)
 
     def via_router(g, th):
       return jnp.sum(routing.top_any(tokens, g, th, scale=2.0).weights * cot)
@@ -189,11 +193,7 @@ class TopAnyTest(parameterized.TestCase):
 
   def test_differentiable_normalization_changes_gradients_not_values(self):
     # The Tutel variant: weights = g_st / sum(g_st), whose forward value is g_st / K.
-    rng = np.random.RandomState(1)
-    tokens = jnp.asarray(rng.randn(32, 8), jnp.float32)
-    gates = jnp.asarray(rng.randn(4, 8), jnp.float32)
-    thresholds = jnp.asarray(rng.randn(4) * 0.1, jnp.float32)
-    cot = jnp.asarray(rng.randn(32, 4), jnp.float32)
+    tokens, gates, thresholds, cot = gradient_case(1)
     route = lambda g, th, d: routing.top_any(tokens, g, th, scale=2.0,
                                              differentiable_normalization=d)
     chex.assert_trees_all_close(route(gates, thresholds, True).weights,
