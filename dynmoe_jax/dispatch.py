@@ -158,7 +158,8 @@ def _routed_pairs(mask: jax.Array, max_k: Optional[int]):
     # Routed experts first, lowest id first; a token with more than K routed
     # experts loses the extras, and they are reported as dropped. Each routed expert's
     # rank among its token's routed experts picks its column: O(T·E·K) compares, where a
-    # top_k over [T, E] sorts every row (7× slower at E=64 on CPU).
+    # top_k over [T, E] sorts every row, a cost that grew with E
+    # (experiments/bench_scaling.py times the pair list at E=8 and E=64).
     rank = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
     column = (rank[:, :, None] == jnp.arange(k, dtype=jnp.int32)) & mask[:, :, None]
     ids = jnp.where(column.any(axis=1),
