@@ -175,6 +175,8 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
           'learned temperature)')
   if moe.budget_error_unit is not None:
     positive_float('model.moe.budget_error_unit', moe.budget_error_unit)
+  if moe.budget_horizon is not None:
+    positive_float('model.moe.budget_horizon', moe.budget_horizon)
   if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
     _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',

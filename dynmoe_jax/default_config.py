@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   # None: each update multiplies or divides by budget_rate once; u: once per u of relative
   # error |K - target| / target, up to 5 times (train.budget)
   c.model.moe.budget_error_unit = placeholder(float)
+  # None: act on this step's count; H: on the count H steps ahead at its smoothed trend
+  # (a proportional term that stops the price winding up while the count already falls)
+  c.model.moe.budget_horizon = placeholder(float)
   c.model.moe.z_loss_weight = 1e-3
   c.model.moe.entropy_weight = 1e-4
 

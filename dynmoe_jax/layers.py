@@ -96,7 +96,8 @@ class MoE(nn.Module):
       capacity is sized for it, and the trainer adapts that loss's weight every step
       (multiplied or divided by budget_rate) so the mean experts per token meets it;
       `budget_two_sided` lets that weight turn negative below the target, and
-      `budget_error_unit` scales each update with the error (train.budget).
+      `budget_error_unit` scales each update with the error and `budget_horizon` acts
+      on the count predicted that many steps ahead (train.budget).
     *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
       Top-any: diversity, simplicity, load_balance (over tokens with an expert) and
       efficiency (mean K / E), the reference's four terms, and optionally gshard_balance
@@ -137,6 +138,7 @@ class MoE(nn.Module):
   budget_rate: float = 1.05
   budget_two_sided: bool = False
   budget_error_unit: Optional[float] = None
+  budget_horizon: Optional[float] = None
   entropy_weight: float = 1e-4
   kernel_init: Callable[..., jax.Array] = stacked_kernel_init()
   router_init: Callable[..., jax.Array] = nn.initializers.normal(0.02)

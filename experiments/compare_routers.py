@@ -38,10 +38,12 @@ TASKS = ('mnist1d', 'lm')
 ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe',
            'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive', 'top2_cap', 'dynmoe_cap',
            'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp',
-           'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap')
+           'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
+           'dynmoe_b1.5_h40')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
-           'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap')
+           'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
+           'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -101,12 +103,13 @@ def router_variants() -> Dict[str, Callable]:
     dynmoe(c)
     c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
 
-  def budget(target, two_sided=False, error_unit=None, max_k=None):
+  def budget(target, two_sided=False, error_unit=None, max_k=None, horizon=None):
     def edit(c):
       dynmoe(c)
       c.model.moe.target_experts_per_token = target
       c.model.moe.budget_two_sided = two_sided
       c.model.moe.budget_error_unit = error_unit
+      c.model.moe.budget_horizon = horizon
       c.model.moe.max_k = max_k
     return edit
 
@@ -137,6 +140,9 @@ def router_variants() -> Dict[str, Callable]:
               # updates scaled with the error (one budget_rate step per 10%, up to 5)
               'dynmoe_b1.5_p': budget(1.5, error_unit=0.1),
               'dynmoe_b1.5_2sp': budget(1.5, two_sided=True, error_unit=0.1),
+              # ... on the count predicted H steps ahead (a proportional term)
+              **{f'dynmoe_b1.5_h{h}': budget(1.5, error_unit=0.1, horizon=float(h))
+                 for h in (10, 20, 40)},
               # at most 4 experts per token: the sorted pair list is T·4 long, not T·E
               'dynmoe_b1.5_k4': budget(1.5, max_k=4),
               'dynmoe_adaptive': dynmoe_adaptive}

@@ -103,3 +103,39 @@ def test_the_plain_rule_multiplies_by_the_python_float_rates():
     expected = w * (1.05 if experts > 1.5 else 1.0 / 1.05)
     w = b.update({'layer_1': w}, metrics(experts, 0.0))['layer_1']
     assert float(w) == float(expected)
+
+
+def test_horizon_acts_on_the_count_predicted_from_its_smoothed_trend():
+  b = budget_lib.Budget(target=1.5, rate=2.0, loss='efficiency', initial_weight=0.01,
+                        layers=('layer_1',), horizon=10.0)
+  controls = b.initial_controls()
+  key = budget_lib.count_key('layer_1')
+  assert float(controls[key]) == -1.0  # no count seen yet
+  # the first update has no trend: the count now decides (3 > 1.5: dearer), smoothing starts
+  controls = b.update(controls, metrics(3.0, 0.0))
+  assert float(controls['layer_1']) == pytest.approx(0.02)
+  assert float(controls[key]) == pytest.approx(3.0)
+  # 2.0, still above the target, but falling: smoothed 0.9·3 + 0.1·2 = 2.9, trend -0.1,
+  # predicted 2.0 + 10·(-0.1) = 1.0 < 1.5, so the price falls before the count gets there
+  controls = b.update(controls, metrics(2.0, 0.0))
+  assert float(controls[key]) == pytest.approx(2.9)
+  assert float(controls['layer_1']) == pytest.approx(0.01)
+  # without a horizon the same counts raise the price twice
+  plain = budget_lib.Budget(1.5, 2.0, 'efficiency', 0.01, ('layer_1',))
+  w = plain.initial_controls()
+  for count in (3.0, 2.0):
+    w = plain.update(w, metrics(count, 0.0))
+  assert float(w['layer_1']) == pytest.approx(0.04) and set(w) == {'layer_1'}
+  # with error_unit the predicted error sets the step: (1.0 - 1.5) / 1.5 = 1/3 -> 3.33 steps
+  scaled = budget_lib.Budget(1.5, 2.0, 'efficiency', 0.01, ('layer_1',), error_unit=0.1,
+                             horizon=10.0)
+  w = scaled.update(scaled.initial_controls(), metrics(3.0, 0.0))
+  w = scaled.update(w, metrics(2.0, 0.0))
+  assert float(w['layer_1']) == pytest.approx(0.01 * 2 ** 5 / 2 ** (10 / 3), rel=1e-5)
+  config = load_config('tiny')
+  config.model.moe.target_experts_per_token = 1.5
+  config.model.moe.budget_horizon = 20
+  assert budget_lib.from_config(config, (0, 4)).horizon == 20.0
+  config.model.moe.budget_horizon = -1.0
+  with pytest.raises(config_lib.ConfigError, match='budget_horizon'):
+    config_lib.validate(config, num_devices=1)

@@ -206,9 +206,12 @@ def test_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tiny_config
   assert {'moe/layer_1/expert_load', 'moe/layer_1/unrouted_fraction'} <= figures[0].keys()
 
 
-def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, tiny_config):
+@pytest.mark.parametrize('horizon', [None, 5.0])
+def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, tiny_config,
+                                                                     horizon):
   tiny_config.model.moe.target_experts_per_token = 1.0
   tiny_config.model.moe.budget_rate = 1.2
+  tiny_config.model.moe.budget_horizon = horizon
   straight = train.Trainer(tiny_config, str(tmp_path / 'straight'))
   straight.run()
   weight = float(straight.state.moe_controls['layer_1'])
@@ -225,3 +228,5 @@ def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, t
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
   rows = metrics_rows(tmp_path / 'straight')
   assert 'moe/layer_1/efficiency_weight' in rows[-1]
+  if horizon is not None:  # the smoothed count is part of the state too
+    assert float(again.state.moe_controls['layer_1/smoothed_count']) > 0

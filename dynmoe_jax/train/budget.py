@@ -8,8 +8,14 @@ experts per token than the target, divided by it while fewer. Tokens still choos
 their own K; the controller only moves the price of an expert. A price cannot raise K: a
 layer whose own choice is below the target stays below it. `two_sided=True` lets the
 weight pass through zero into a subsidy (a negative weight: the efficiency gradient then
-lowers the thresholds of the experts in use). The weights live in
-the train state: checkpointed, exact on resume, replicated on a mesh.
+lowers the thresholds of the experts in use). `horizon=H` acts on the count predicted H
+steps ahead from its smoothed trend instead of the count now (in log space that is a
+proportional-integral controller, ReMoE's rule being the integral alone): under Adam a
+price above the router's break-even point lowers the thresholds at the same speed however
+high it is, so a price that keeps rising until the count reaches the target has already
+overshot by then (measured: the byte LM's layers fell from 5 experts per token to 0.1 and
+took ~200 steps to recover). The weights (and the smoothed counts) live in the train
+state: checkpointed, exact on resume, replicated on a mesh.
 
 The count controlled is the one evaluation reports: training's experts per token plus
 the tokens that activated none (in evaluation those fall back to their top-1 expert),
@@ -28,6 +34,12 @@ from dynmoe_jax import names, routers
 
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e2
 MAX_STEPS = 5.0  # most `rate` steps in one update (error_unit set)
+TREND_DECAY = 0.9  # of the smoothed count whose step-to-step change is the trend (horizon)
+
+
+def count_key(layer: str) -> str:
+  """The controls' key of a layer's smoothed experts per token (horizon set)."""
+  return f'{layer}/smoothed_count'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +57,16 @@ class Budget:
   # relative error |K - target| / target counts as one step per u, up to MAX_STEPS, so a
   # far-off layer is corrected in tens of steps and a near one barely moves.
   error_unit: Optional[float] = None
+  # None: act on the count now. H: on the count H steps ahead at the smoothed trend.
+  horizon: Optional[float] = None
 
   def initial_controls(self) -> Dict[str, jax.Array]:
-    return {layer: jnp.asarray(self.initial_weight, jnp.float32) for layer in self.layers}
+    controls = {layer: jnp.asarray(self.initial_weight, jnp.float32) for layer in self.layers}
+    if self.horizon is not None:
+      # -1: no count seen yet (the first update starts the smoothing at its count)
+      controls.update({count_key(layer): jnp.asarray(-1.0, jnp.float32)
+                       for layer in self.layers})
+    return controls
 
   def loss_weights(self, controls: Mapping[str, jax.Array]) -> Dict[str, Dict[str, jax.Array]]:
     return {layer: {self.loss: controls[layer]} for layer in self.layers}
@@ -59,6 +78,13 @@ class Budget:
       experts = metrics[names.metric_key(layer, 'active_experts')]
       if self.add_unrouted:
         experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
+      if self.horizon is not None:
+        previous = controls[count_key(layer)]
+        smoothed = jnp.where(previous < 0, experts,
+                             TREND_DECAY * previous + (1 - TREND_DECAY) * experts)
+        out[count_key(layer)] = smoothed.astype(jnp.float32)
+        trend = jnp.where(previous < 0, 0.0, smoothed - previous)
+        experts = experts + self.horizon * trend
       above = experts > self.target
       weight = controls[layer]
       # Python floats for the plain rule: its runs stay bit-identical to the rule's first
@@ -95,4 +121,5 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
                 add_unrouted=not moe.top_any_train_fallback,
                 two_sided=bool(moe.budget_two_sided),
                 error_unit=None if moe.budget_error_unit is None
-                else float(moe.budget_error_unit))
+                else float(moe.budget_error_unit),
+                horizon=None if moe.budget_horizon is None else float(moe.budget_horizon))

@@ -123,8 +123,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     moe_metrics = flatten_moe_metrics(aux['moe'])
     controls = (budget.update(state.moe_controls, moe_metrics) if budget
                 else state.moe_controls)
-    for layer, weight in (state.moe_controls.items() if budget else ()):
-      moe_metrics[names.metric_key(layer, f'{budget.loss}_weight')] = weight
+    for layer in (budget.layers if budget else ()):
+      moe_metrics[names.metric_key(layer, f'{budget.loss}_weight')] = state.moe_controls[layer]
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               moe_controls=controls)
     if skip_nonfinite:
