@@ -173,10 +173,11 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.moe.top_any_max_scale', moe.top_any_max_scale,
           f'must be a number >= model.moe.top_any_scale={moe.top_any_scale} (the cap of the '
           'learned temperature)')
-  if moe.budget_error_unit is not None:
-    positive_float('model.moe.budget_error_unit', moe.budget_error_unit)
-  if moe.budget_horizon is not None:
-    positive_float('model.moe.budget_horizon', moe.budget_horizon)
+  # 0 as well as None turns either off: a float field cannot be set to None from the
+  # command line
+  for name in ('budget_error_unit', 'budget_horizon'):
+    if moe[name] is not None and not (isinstance(moe[name], (int, float)) and moe[name] >= 0):
+      _fail(f'model.moe.{name}', moe[name], 'must be a number >= 0 (0 or None: off)')
   if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
     _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',

@@ -2,7 +2,12 @@
 `base_config()` and override; `--config.a.b=value` overrides either. Nothing the
 trainer reads has a default anywhere else."""
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
+
+
+def optional(field_type, default):
+  """A field with a default that a config or the command line may also set to None."""
+  return FieldReference(default, field_type=field_type)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,16 +103,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.efficiency_weight = 0.01    # top-any: mean K / E (the reference's 2025 term)
   c.model.moe.gshard_balance_weight = 0.0  # top-any: GShard's loss on the binary scores
   # Compute budget: experts per token to hold (None = off). Capacity is sized for it and
-  # the efficiency weight becomes a per-layer controller (x or / budget_rate per step).
+  # the efficiency weight becomes a per-layer controller (train.budget).
   c.model.moe.target_experts_per_token = placeholder(float)
   c.model.moe.budget_rate = 1.05
   c.model.moe.budget_two_sided = False  # True: below the target the weight turns negative
-  # None: each update multiplies or divides by budget_rate once; u: once per u of relative
-  # error |K - target| / target, up to 5 times (train.budget)
-  c.model.moe.budget_error_unit = placeholder(float)
-  # None: act on this step's count; H: on the count H steps ahead at its smoothed trend
-  # (a proportional term that stops the price winding up while the count already falls)
-  c.model.moe.budget_horizon = placeholder(float)
+  # u: each update is budget_rate to the power of the relative error |K - target| / target
+  # over u (at most 5); 0 or None: one budget_rate step whatever the error (ReMoE's rule)
+  c.model.moe.budget_error_unit = optional(float, 0.1)
+  # H: act on the count H steps ahead at its smoothed trend (a proportional term that stops
+  # the price winding up while the count already falls); 0 or None: on this step's count.
+  # Both 0: the first controller, as the README's earlier budget figures were measured.
+  c.model.moe.budget_horizon = optional(float, 20.0)
   c.model.moe.z_loss_weight = 1e-3
   c.model.moe.entropy_weight = 1e-4
 

@@ -137,8 +137,8 @@ class MoE(nn.Module):
   target_experts_per_token: Optional[float] = None
   budget_rate: float = 1.05
   budget_two_sided: bool = False
-  budget_error_unit: Optional[float] = None
-  budget_horizon: Optional[float] = None
+  budget_error_unit: Optional[float] = 0.1
+  budget_horizon: Optional[float] = 20.0
   entropy_weight: float = 1e-4
   kernel_init: Callable[..., jax.Array] = stacked_kernel_init()
   router_init: Callable[..., jax.Array] = nn.initializers.normal(0.02)

@@ -1,11 +1,11 @@
 """The default LM (configs/lm_small.py, top-p) beside the same decoder with top-any and a
 budget of 1.5 experts per token, without and with the top-1 fallback in training (and with
-the budget's updates scaled with its error): final test bits/byte, experts per token,
-training-time unrouted tokens, throughput, wall time. Each variant trains into
+the budget's updates scaled with its error, then also predicted ahead): final test
+bits/byte, experts per token, training-time unrouted tokens, throughput, wall time. Each variant trains into
 OUT/runs/<variant> (a finished run, one with summary.json, is only summarised), then a
 table, JSON and a PNG of the training curves are written.
 
-  python experiments/lm_small.py            # ~50 minutes on a 2-core CPU, runs one at a time
+  python experiments/lm_small.py            # ~65 minutes on a 2-core CPU, runs one at a time
   python experiments/lm_small.py --variants top_p,top_any_fallback   # a subset: the table,
       JSON and plot then hold these; every run's summary stays in OUT/runs/<variant>/
 """
@@ -22,19 +22,29 @@ import numpy as np
 import common
 from dynmoe_jax import names, plots, train
 
+# The budget's first controller (one budget_rate step per update): the rows measured with it.
+FIRST_CONTROLLER = {'model.moe.budget_error_unit': None, 'model.moe.budget_horizon': None}
 VARIANTS = {
     'top_p (lm_small)': {},
     'top_any, budget 1.5': {'model.moe.router': 'top_any',
-                            'model.moe.target_experts_per_token': 1.5},
+                            'model.moe.target_experts_per_token': 1.5, **FIRST_CONTROLLER},
     # the same with the top-1 fallback in training (routing.top_any): can the layers die?
     'top_any_fallback, budget 1.5': {'model.moe.router': 'top_any',
                                      'model.moe.target_experts_per_token': 1.5,
-                                     'model.moe.top_any_train_fallback': True},
+                                     'model.moe.top_any_train_fallback': True,
+                                     **FIRST_CONTROLLER},
     # and the budget's updates scaled with its error (budget_error_unit)
     'top_any_fallback_p, budget 1.5': {'model.moe.router': 'top_any',
                                        'model.moe.target_experts_per_token': 1.5,
                                        'model.moe.top_any_train_fallback': True,
-                                       'model.moe.budget_error_unit': 0.1},
+                                       'model.moe.budget_error_unit': 0.1,
+                                       'model.moe.budget_horizon': None},
+    # and on the count predicted 20 steps ahead: the default controller
+    'top_any_fallback_h, budget 1.5': {'model.moe.router': 'top_any',
+                                       'model.moe.target_experts_per_token': 1.5,
+                                       'model.moe.top_any_train_fallback': True,
+                                       'model.moe.budget_error_unit': 0.1,
+                                       'model.moe.budget_horizon': 20.0},
 }
 
 

@@ -38,7 +38,9 @@ VARIANTS = {
     'dynmoe_scratch': ({'router': 'top_any'}, False),
     'top2_upcycled': ({'router': 'top_k', 'k': 2}, True),
     'dynmoe_upcycled': ({'router': 'top_any'}, True),
-    'dynmoe_b1.5_upcycled': ({'router': 'top_any', 'target_experts_per_token': 1.5}, True),
+    # the budget's first controller (one budget_rate step per update), as measured
+    'dynmoe_b1.5_upcycled': ({'router': 'top_any', 'target_experts_per_token': 1.5,
+                              'budget_error_unit': None, 'budget_horizon': None}, True),
 }
 TASK_OVERRIDES = {'mnist1d': {}, 'lm': {'batch_size': 16}}
 

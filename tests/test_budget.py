@@ -134,8 +134,23 @@ def test_horizon_acts_on_the_count_predicted_from_its_smoothed_trend():
   assert float(w['layer_1']) == pytest.approx(0.01 * 2 ** 5 / 2 ** (10 / 3), rel=1e-5)
   config = load_config('tiny')
   config.model.moe.target_experts_per_token = 1.5
-  config.model.moe.budget_horizon = 20
-  assert budget_lib.from_config(config, (0, 4)).horizon == 20.0
   config.model.moe.budget_horizon = -1.0
-  with pytest.raises(config_lib.ConfigError, match='budget_horizon'):
+  with pytest.raises(config_lib.ConfigError, match=r'budget_horizon=-1.0 is invalid: must be '
+                                                   r'a number >= 0 \(0 or None: off\)'):
     config_lib.validate(config, num_devices=1)
+
+
+def test_the_default_controller_scales_with_the_error_and_looks_ahead_and_0_turns_off():
+  config = load_config('tiny')
+  config.model.moe.target_experts_per_token = 1.5
+  b = budget_lib.from_config(config, (0, 4))
+  assert (b.error_unit, b.horizon) == (0.1, 20.0)
+  assert budget_lib.count_key('layer_1') in b.initial_controls()
+  # 0 (what the command line can say) and None (a Python config) give ReMoE's plain rule
+  # with the first controller's state: the weights alone
+  for off in (0, None):
+    config.model.moe.budget_error_unit = config.model.moe.budget_horizon = off
+    config_lib.validate(config, num_devices=1)
+    b = budget_lib.from_config(config, (0, 4))
+    assert (b.error_unit, b.horizon) == (None, None)
+    assert set(b.initial_controls()) == {'layer_1'}

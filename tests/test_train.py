@@ -230,3 +230,27 @@ def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, t
   assert 'moe/layer_1/efficiency_weight' in rows[-1]
   if horizon is not None:  # the smoothed count is part of the state too
     assert float(again.state.moe_controls['layer_1/smoothed_count']) > 0
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_with_the_old_behaviour(
+    tmp_path, tiny_config):
+  """A budget run saved by the version before budget_horizon existed (its config lacks the
+  field, its error unit None): resumed with both at 0, what the command line can say."""
+  tiny_config.num_train_steps = 4
+  tiny_config.checkpoint_every = 4
+  tiny_config.model.moe.target_experts_per_token = 1.0
+  tiny_config.model.moe.budget_error_unit = tiny_config.model.moe.budget_horizon = None
+  train.Trainer(tiny_config, str(tmp_path)).run()
+  meta_file = tmp_path / 'checkpoints' / '4' / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  del meta['config']['model']['moe']['budget_horizon']
+  meta_file.write_text(json.dumps(meta))
+  tiny_config.num_train_steps = 6
+  tiny_config.model.moe.budget_error_unit = tiny_config.model.moe.budget_horizon = 0.0
+  assert train.Trainer(tiny_config, str(tmp_path)).run()['eval']['step'] == 6
+  # the new defaults are another controller: refused, naming both fields
+  tiny_config.num_train_steps = 8
+  tiny_config.model.moe.budget_error_unit, tiny_config.model.moe.budget_horizon = 0.1, 20.0
+  with pytest.raises(ValueError, match=r"fields differ: \['model.moe.budget_error_unit', "
+                                       r"'model.moe.budget_horizon'\]"):
+    train.Trainer(tiny_config, str(tmp_path)).run()

@@ -120,6 +120,5 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
                 float(initial), tuple(names.moe_layer_names(layout)),
                 add_unrouted=not moe.top_any_train_fallback,
                 two_sided=bool(moe.budget_two_sided),
-                error_unit=None if moe.budget_error_unit is None
-                else float(moe.budget_error_unit),
-                horizon=None if moe.budget_horizon is None else float(moe.budget_horizon))
+                error_unit=float(moe.budget_error_unit) if moe.budget_error_unit else None,
+                horizon=float(moe.budget_horizon) if moe.budget_horizon else None)

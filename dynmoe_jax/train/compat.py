@@ -27,6 +27,18 @@ RESUMABLE_FIELDS = (
     'adaptive.compile_lead_steps',
 )
 
+# Fields added after runs were saved without them: the value that behaves as the version
+# before the field existed. A saved run lacking one matches a config holding that value.
+ABSENT_MEANS = {
+    'model.moe.top_any_learned_scale': False,
+    'model.moe.top_any_max_scale': 100.0,
+    'model.moe.top_any_train_fallback': False,
+    'model.moe.budget_error_unit': None,
+    'model.moe.budget_horizon': None,
+}
+# Fields whose 0 means None (the command line cannot say None for a float).
+ZERO_IS_NONE = ('model.moe.budget_error_unit', 'model.moe.budget_horizon')
+
 
 class RunMismatchError(checkpointing.ModelMismatchError):
   """The workdir holds a run of another config."""
@@ -50,8 +62,14 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]
                 ) -> List[Tuple[str, Any, Any]]:
   """(field, saved value, current value) for each leaf that differs and may not."""
   a, b = flatten(saved), flatten(current)
+
+  def value(config, key):
+    v = config.get(key, ABSENT_MEANS.get(key, '<absent>'))
+    return None if key in ZERO_IS_NONE and v == 0 else v
+
   return [(k, a.get(k, '<absent>'), b.get(k, '<absent>'))
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _resumable(k)]
+          for k in sorted(set(a) | set(b))
+          if value(a, k) != value(b, k) and not _resumable(k)]
 
 
 def config_json(config) -> Dict[str, Any]:
