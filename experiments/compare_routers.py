@@ -9,7 +9,8 @@ Phases, all in one command (a rerun skips finished runs and redoes the rest):
      state, rounds interleaved across routers), reported relative to top-2;
   3. routing analysis of the dynamic routers on the test sets: experts per token
      vs noise level (MNIST-1D variants mnist1d/noise_x2, noise_x4, built locally)
-     and vs per-example (MNIST-1D) or per-byte (LM) loss;
+     and vs per-example (MNIST-1D) or per-byte (LM) loss; and experts per token on the
+     first examples of the training split (what a compute budget holds);
   4. a markdown table per task, OUT/results.json and PNG plots.
 
   python experiments/compare_routers.py                    # README numbers (2-core CPU, ~60 min)
@@ -285,9 +286,9 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
 
   d = config.data
 
-  def pass_over(name: str):
+  def pass_over(name: str, split: str = d.eval_split):
     """Per-example (classify) or per-byte (lm) loss, correctness and experts per token."""
-    source = pipeline.get_source(name, d.eval_split, d.data_dir)
+    source = pipeline.get_source(name, split, d.data_dir)
     losses, correct, experts = [], [], []
     with common.mesh_of(trainer):
       for batch in pipeline.eval_batches(source, trainer.preprocess, config.eval_batch_size):
@@ -315,6 +316,11 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
       'median_loss': float(np.median(losses[bins == b])),
       'experts_per_token': experts[bins == b].mean(0).tolist(),
       'count': int((bins == b).sum())} for b in range(LOSS_BINS)]
+  out['test_experts_per_token'] = experts.mean(0).tolist()
+  # as many training examples as the test split has: routing where a budget holds it
+  train_slice = f'train[:{len(pipeline.get_source(d.name, d.eval_split, d.data_dir))}]'
+  out['train_slice'] = train_slice
+  out['train_slice_experts_per_token'] = pass_over(d.name, train_slice)[2].mean(0).tolist()
   if task == 'classify' and d.name == 'mnist1d':
     out['noise'] = []
     for multiplier, name in NOISE_DATASETS.items():
@@ -517,14 +523,34 @@ def main(argv=None):
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
   tables = [markdown_table(task, results['tasks'][task]['rows']) for task in args.tasks]
+  splits = split_summary(results)
   with open(os.path.join(args.out, 'results.md'), 'w') as f:
-    f.write('\n\n'.join(tables) + '\n')
+    f.write('\n\n'.join(tables) + '\n\n' + splits + '\n')
   print('\n\n'.join(tables))
+  print('\n' + splits)
   print('\n' + difficulty_summary(results))
   written = write_plots(results, args.out)
   print(f"\ntrain phase {train_seconds / 60:.1f} min, total {results['total_seconds'] / 60:.1f} "
         f'min; wrote results.json, results.md, ' + ', '.join(os.path.basename(p) for p in written))
   return results
+
+
+def split_summary(results: Dict[str, Any]) -> str:
+  """One line per dynamic router: experts per token (mean of the MoE layers) on the test
+  split and on the first examples of the training split, mean ± std over seeds."""
+  lines = []
+  for task, entry in results['tasks'].items():
+    for r in entry['rows']:
+      if not r['analysis'] or 'train_slice_experts_per_token' not in r['analysis'][0]:
+        continue
+      test, train_slice = ([np.mean(a[key]) for a in r['analysis']] for key in
+                           ('test_experts_per_token', 'train_slice_experts_per_token'))
+      lines.append(f"{task} {r['router']}: experts/token test {np.mean(test):.2f} ± "
+                   f"{np.std(test, ddof=1) if len(test) > 1 else 0:.2f}, "
+                   f"{r['analysis'][0]['train_slice']} "
+                   f"{np.mean(train_slice):.2f} ± "
+                   f"{np.std(train_slice, ddof=1) if len(train_slice) > 1 else 0:.2f}")
+  return '\n'.join(lines)
 
 
 def difficulty_summary(results: Dict[str, Any]) -> str:

@@ -75,9 +75,16 @@ def test_compare_routers_smoke(compare_routers, tmp_path):
   (analysis,) = rows['dynmoe']['analysis']
   assert check_analysis(compare_routers, analysis) == 1000  # every test signal once
   assert [n['noise_multiplier'] for n in analysis['noise']] == [1.0, 2.0, 4.0]
+  # the test split's experts per token agree with the run's eval; the training split's are
+  # counted over as many examples
+  assert np.mean(analysis['test_experts_per_token']) == pytest.approx(
+      rows['dynmoe']['mean_active_experts'], rel=1e-4)
+  assert analysis['train_slice'] == 'train[:1000]'
+  assert 1 <= np.mean(analysis['train_slice_experts_per_token']) <= 8
   assert os.path.exists(os.path.join(out, 'runs', 'mnist1d', 'dynmoe', 'seed_0', 'summary.json'))
   table = open(os.path.join(out, 'results.md')).read()
   assert '| mnist1d router | test accuracy (%)' in table
+  assert 'mnist1d dynmoe: experts/token test ' in table and ', train[:1000] ' in table
 
 
 def test_lm_run_summary_and_per_byte_analysis(compare_routers, tmp_path):
@@ -92,6 +99,7 @@ def test_lm_run_summary_and_per_byte_analysis(compare_routers, tmp_path):
   # every target byte of test[:32] once: 32 chunks x 16 targets, no padding in the corpus
   assert check_analysis(compare_routers, analysis) == 32 * 16
   assert 'noise' not in analysis
+  assert analysis['train_slice'] == 'train[:32]'
   table = compare_routers.markdown_table('lm', compare_routers.aggregate(
       {'dynmoe': [summary]}, {}, {}))
   assert '| lm router | test bits/byte' in table and '| dynmoe |' in table
