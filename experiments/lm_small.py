@@ -1,11 +1,12 @@
 """The default LM (configs/lm_small.py, top-p) beside the same decoder with top-any and a
 budget of 1.5 experts per token, without and with the top-1 fallback in training (and with
-the budget's updates scaled with its error, then also predicted ahead): final test
-bits/byte, experts per token, training-time unrouted tokens, throughput, wall time. Each variant trains into
+the budget's updates scaled with its error, then also predicted ahead, then two-sided):
+final test bits/byte, experts per token, training-time unrouted tokens, throughput, wall
+time. Each variant trains into
 OUT/runs/<variant> (a finished run, one with summary.json, is only summarised), then a
 table, JSON and a PNG of the training curves are written.
 
-  python experiments/lm_small.py            # ~65 minutes on a 2-core CPU, runs one at a time
+  python experiments/lm_small.py            # ~80 minutes on a 2-core CPU, runs one at a time
   python experiments/lm_small.py --variants top_p,top_any_fallback   # a subset: the table,
       JSON and plot then hold these; every run's summary stays in OUT/runs/<variant>/
 """
@@ -45,6 +46,13 @@ VARIANTS = {
                                        'model.moe.top_any_train_fallback': True,
                                        'model.moe.budget_error_unit': 0.1,
                                        'model.moe.budget_horizon': 20.0},
+    # and two-sided: below the target at the weight's floor, the price becomes a subsidy
+    'top_any_fallback_h2s, budget 1.5': {'model.moe.router': 'top_any',
+                                         'model.moe.target_experts_per_token': 1.5,
+                                         'model.moe.top_any_train_fallback': True,
+                                         'model.moe.budget_error_unit': 0.1,
+                                         'model.moe.budget_horizon': 20.0,
+                                         'model.moe.budget_two_sided': True},
 }
 
 
