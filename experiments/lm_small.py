@@ -2,9 +2,8 @@
 budget of 1.5 experts per token, without and with the top-1 fallback in training (and with
 the budget's updates scaled with its error, then also predicted ahead, then two-sided):
 final test bits/byte, experts per token, training-time unrouted tokens, throughput, wall
-time. Each variant trains into
-OUT/runs/<variant> (a finished run, one with summary.json, is only summarised), then a
-table, JSON and a PNG of the training curves are written.
+time. Each variant trains into OUT/runs/<variant> (a finished run, one with summary.json,
+is only summarised), then a table, JSON and a PNG of the training curves are written.
 
   python experiments/lm_small.py            # ~80 minutes on a 2-core CPU, runs one at a time
   python experiments/lm_small.py --variants top_p,top_any_fallback   # a subset: the table,
