@@ -30,9 +30,12 @@ RESUMABLE_FIELDS = (
 # Fields added after runs were saved without them: the value that behaves as the version
 # before the field existed. A saved run lacking one matches a config holding that value.
 ABSENT_MEANS = {
+    'model.moe.gshard_balance_weight': 0.0,
     'model.moe.top_any_learned_scale': False,
     'model.moe.top_any_max_scale': 100.0,
     'model.moe.top_any_train_fallback': False,
+    'model.moe.top_any_differentiable_normalization': False,
+    'model.moe.budget_two_sided': False,
     'model.moe.budget_error_unit': None,
     'model.moe.budget_horizon': None,
 }
