@@ -6,7 +6,9 @@ fwd+bwd under jit of:
   * its expert FFNs alone on [E, C, D] buffers of the same slots (E·C = 1.25·2·T): the same
     FLOPs at every E, but E times the weights read and the weight gradients written;
   * the router alone (logits, top-2, softmax weights);
-  * the sorted pair list alone (`dispatch._sort_pairs`, max_k = k = 2).
+  * the sorted pair list alone (`dispatch._sort_pairs`, max_k = k = 2);
+  * the FFNs' up-projection alone (forward) and its weight gradient alone: the same FLOPs
+    at every E; fixed weight traffic would show as a ratio that falls as tokens grow.
 Prints a table, writes JSON and a PNG. Read the ratios (same run), not absolute times.
 
   python experiments/bench_scaling.py                  # T=4096, D=256, F=512, E=8 and 64
@@ -59,6 +61,12 @@ def cases(num_experts: int, tokens: int, dim: int, hidden: int, cotangent):
       'router alone': (jax.jit(jax.grad(router, argnums=(0, 1))), (params['router_kernel'], x)),
       'pair list alone (forward)': (jax.jit(lambda m, s: dispatch._sort_pairs(m, s, 2)),
                           (route.mask, route.scores)),
+      # the FFNs' first matmul and its weight gradient: E·C·D·F FLOPs at every E, but the
+      # weights read / the gradient written grow with E and each expert's matrix shrinks
+      'up-projection alone (forward)': (jax.jit(lambda b, w: jnp.einsum('ecd,edf->ecf', b, w)),
+                                        (buffers, params['wi'])),
+      'its weight gradient alone': (jax.jit(lambda b, g: jnp.einsum('ecd,ecf->edf', b, g)),
+                                    (buffers, jnp.ones((num_experts, capacity, hidden)))),
   }
 
 
