@@ -40,11 +40,11 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive', 'top2_cap', 'dynmoe_cap',
            'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp',
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
-           'dynmoe_b1.5_h40')
+           'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
-           'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40')
+           'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -148,6 +148,7 @@ def router_variants() -> Dict[str, Callable]:
               # ... on the count predicted H steps ahead (a proportional term)
               **{f'dynmoe_b1.5_h{h}': budget(1.5, error_unit=0.1, horizon=float(h))
                  for h in (10, 20, 40)},
+              'dynmoe_b1.0_h20': budget(1.0, error_unit=0.1, horizon=20.0),
               # at most 4 experts per token: the sorted pair list is T·4 long, not T·E
               'dynmoe_b1.5_k4': budget(1.5, max_k=4),
               'dynmoe_adaptive': dynmoe_adaptive}
