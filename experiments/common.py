@@ -33,6 +33,12 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
   return config
 
 
+# The compute budget's first controller (ReMoE's rule, one budget_rate step per update),
+# which the README's earlier budget figures were measured with; the default is newer.
+FIRST_BUDGET_CONTROLLER = {'model.moe.budget_error_unit': None,
+                           'model.moe.budget_horizon': None}
+
+
 # ----------------------------------------------------------------------------- runs
 
 

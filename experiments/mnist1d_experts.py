@@ -49,17 +49,11 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   e8_k4.model.moe.expected_k = 4.0
   # the budget's first controller (ReMoE's rule: one budget_rate step per update), as the
   # README's table measured it
-  budget = dynmoe(4)
+  budget = common.apply_overrides(dynmoe(4), common.FIRST_BUDGET_CONTROLLER)
   budget.model.moe.target_experts_per_token = 1.5
-  budget.model.moe.budget_error_unit = budget.model.moe.budget_horizon = None
-  budget_two_sided = dynmoe(4)
+  budget_two_sided = common.apply_overrides(dynmoe(4), common.FIRST_BUDGET_CONTROLLER)
   budget_two_sided.model.moe.target_experts_per_token = 1.5
-  budget_two_sided.model.moe.budget_error_unit = None
-  budget_two_sided.model.moe.budget_horizon = None
   budget_two_sided.model.moe.budget_two_sided = True
-  # the default controller (updates scaled with the error, predicted 20 steps ahead)
-  budget_controlled = dynmoe(4)
-  budget_controlled.model.moe.target_experts_per_token = 1.5
   # the default job with the top-1 fallback in training / with the reference's learned
   # temperature (gated_multi_gate_t: 10, learned in log space, capped at 100)
   fallback = dynmoe(4)
@@ -72,7 +66,6 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
              'dynmoe_e4_2024_losses': dynmoe(4, losses='2024'), 'dynmoe_e4_budget1.5': budget,
              'dynmoe_e4_budget1.5_two_sided': budget_two_sided,
-             'dynmoe_e4_budget1.5_h': budget_controlled,
              'dynmoe_e4_fallback': fallback, 'dynmoe_e4_learned_scale': learned_scale,
              'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
   for c in configs.values():
