@@ -81,10 +81,11 @@ class Budget:
         experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
       if self.horizon is not None:
         previous = controls[count_key(layer)]
-        smoothed = jnp.where(previous < 0, experts,
+        first = previous < 0  # no count seen yet: no trend
+        smoothed = jnp.where(first, experts,
                              TREND_DECAY * previous + (1 - TREND_DECAY) * experts)
         out[count_key(layer)] = smoothed.astype(jnp.float32)
-        trend = jnp.where(previous < 0, 0.0, smoothed - previous)
+        trend = jnp.where(first, 0.0, smoothed - previous)
         experts = experts + self.horizon * trend
       above = experts > self.target
       weight = controls[layer]
