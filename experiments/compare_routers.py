@@ -40,11 +40,13 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5', 'dynmoe_b1.0', 'dynmoe_adaptive', 'top2_cap', 'dynmoe_cap',
            'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp',
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
-           'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20')
+           'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20', 'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls',
+           'dynmoe_b1.5_h20_fb_ls')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
-           'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20')
+           'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20',
+           'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls', 'dynmoe_b1.5_h20_fb_ls')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -108,7 +110,8 @@ def router_variants() -> Dict[str, Callable]:
     dynmoe(c)
     c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
 
-  def budget(target, two_sided=False, error_unit=None, max_k=None, horizon=None):
+  def budget(target, two_sided=False, error_unit=None, max_k=None, horizon=None,
+             train_fallback=False, learned_scale=False):
     def edit(c):
       dynmoe(c)
       c.model.moe.target_experts_per_token = target
@@ -116,6 +119,10 @@ def router_variants() -> Dict[str, Callable]:
       c.model.moe.budget_error_unit = error_unit
       c.model.moe.budget_horizon = horizon
       c.model.moe.max_k = max_k
+      c.model.moe.top_any_train_fallback = train_fallback
+      if learned_scale:  # the reference's gated_multi_gate_t: 10, learned in log space
+        c.model.moe.top_any_learned_scale = True
+        c.model.moe.top_any_scale = 10.0
     return edit
 
   def dynmoe_adaptive(c):
@@ -149,6 +156,14 @@ def router_variants() -> Dict[str, Callable]:
               **{f'dynmoe_b1.5_h{h}': budget(1.5, error_unit=0.1, horizon=float(h))
                  for h in (10, 20, 40)},
               'dynmoe_b1.0_h20': budget(1.0, error_unit=0.1, horizon=20.0),
+              # + the top-1 fallback in training too (no token skips the layer, as in
+              # evaluation) / + the reference's learned temperature / both
+              'dynmoe_b1.5_h20_fb': budget(1.5, error_unit=0.1, horizon=20.0,
+                                           train_fallback=True),
+              'dynmoe_b1.5_h20_ls': budget(1.5, error_unit=0.1, horizon=20.0,
+                                           learned_scale=True),
+              'dynmoe_b1.5_h20_fb_ls': budget(1.5, error_unit=0.1, horizon=20.0,
+                                              train_fallback=True, learned_scale=True),
               # at most 4 experts per token: the sorted pair list is T·4 long, not T·E
               'dynmoe_b1.5_k4': budget(1.5, max_k=4),
               'dynmoe_adaptive': dynmoe_adaptive}
