@@ -9,6 +9,8 @@ checkpoints, plots) under --out; a rerun resumes or skips finished runs.
   python experiments/mnist1d_experts.py --steps 200 --runs dense,adaptive   # quick look
   python experiments/mnist1d_experts.py --runs dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,adaptive \
       --seeds 0,1,2                                # the README table (seeds 1, 2: ~1.5 h more)
+  python experiments/mnist1d_experts.py --runs default_job,dense_w96 --seeds 0,1,2 \
+      --results_name results_default_job.json      # the default job vs dense at its width
 """
 from __future__ import annotations
 
@@ -61,13 +63,20 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   learned_scale = dynmoe(4)
   learned_scale.model.moe.top_any_learned_scale = True
   learned_scale.model.moe.top_any_scale = 10.0
-  # dynmoe_e4 is the default job (configs/mnist1d_dynmoe.py); _2024_losses drops the
-  # reference's load balance and efficiency terms, as in the paper
+  # dynmoe_e4 is the default job's router and experts at the shared width 64; default_job is
+  # configs/mnist1d_dynmoe.py itself (width 96) and dense_w96 the dense model at its width.
+  # _2024_losses drops the reference's load balance and efficiency terms, as in the paper
+  default_job = common.load_config('mnist1d_dynmoe')
+  dense_w96 = mnist1d_config()
+  dense_w96.model.moe_layers = 'none'
+  for key in ('dim', 'mlp_dim'):
+    setattr(dense_w96.model, key, getattr(default_job.model, key))
   configs = {'dense': dense, 'dynmoe_e2': dynmoe(2), 'dynmoe_e4': dynmoe(4),
              'dynmoe_e4_2024_losses': dynmoe(4, losses='2024'), 'dynmoe_e4_budget1.5': budget,
              'dynmoe_e4_budget1.5_two_sided': budget_two_sided,
              'dynmoe_e4_fallback': fallback, 'dynmoe_e4_learned_scale': learned_scale,
-             'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive}
+             'dynmoe_e8': dynmoe(8), 'dynmoe_e8_k4': e8_k4, 'adaptive': adaptive,
+             'default_job': default_job, 'dense_w96': dense_w96}
   for c in configs.values():
     c.num_train_steps = steps
     c.seed = seed

@@ -30,17 +30,19 @@ from dynmoe_jax import config_lib, names, plots, train
 from dynmoe_jax.default_config import lm_config, mnist1d_config
 
 TASKS = ('mnist1d', 'lm')
-# name -> (router settings or None for dense, upcycled from the dense run?)
+TOP2 = {'model.moe.router': 'top_k', 'model.moe.k': 2}
+TOP_ANY = {'model.moe.router': 'top_any'}
+# name -> (config overrides of the MoE, or None for dense; upcycled from the dense run?)
 VARIANTS = {
     'dense_N': (None, False),
     'dense_N+M': (None, False),
-    'top2_scratch': ({'router': 'top_k', 'k': 2}, False),
-    'dynmoe_scratch': ({'router': 'top_any'}, False),
-    'top2_upcycled': ({'router': 'top_k', 'k': 2}, True),
-    'dynmoe_upcycled': ({'router': 'top_any'}, True),
+    'top2_scratch': (TOP2, False),
+    'dynmoe_scratch': (TOP_ANY, False),
+    'top2_upcycled': (TOP2, True),
+    'dynmoe_upcycled': (TOP_ANY, True),
     # the budget's first controller (one budget_rate step per update), as measured
-    'dynmoe_b1.5_upcycled': ({'router': 'top_any', 'target_experts_per_token': 1.5,
-                              'budget_error_unit': None, 'budget_horizon': None}, True),
+    'dynmoe_b1.5_upcycled': ({**TOP_ANY, 'model.moe.target_experts_per_token': 1.5,
+                              **common.FIRST_BUDGET_CONTROLLER}, True),
 }
 TASK_OVERRIDES = {'mnist1d': {}, 'lm': {'batch_size': 16}}
 
@@ -58,8 +60,7 @@ def make_config(args, task: str, variant: str, seed: int):
     c.model.moe_layers = 'none'
     steps = args.dense_steps if variant == 'dense_N' else steps
   else:
-    for key, value in moe.items():
-      c.model.moe[key] = value
+    common.apply_overrides(c, moe)
   if upcycled:
     c.init_from = run_dir(args, task, 'dense_N', seed)
     steps = args.more_steps
