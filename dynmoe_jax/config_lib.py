@@ -23,6 +23,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # Keys of config.model.moe that are layout, not MoE module fields.
 LAYOUT_KEYS = ('num_experts', 'num_experts_per_layer')
 NEW_EXPERT_INITS = ('fresh', 'copy_nearest')
+# Float fields that 0 turns off as None does: the command line cannot set a float to None.
+ZERO_MEANS_OFF = ('model.moe.budget_error_unit', 'model.moe.budget_horizon')
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,11 @@ class ConfigError(ValueError):
 
 def _fail(field: str, value: Any, allowed: str):
   raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def off_or_float(value) -> Optional[float]:
+  """The value of a ZERO_MEANS_OFF field: None when off (None or 0), else a float."""
+  return float(value) if value else None
 
 
 def experts_layout(config, num_experts: Optional[int] = None) -> Tuple[int, ...]:
@@ -173,11 +180,10 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.moe.top_any_max_scale', moe.top_any_max_scale,
           f'must be a number >= model.moe.top_any_scale={moe.top_any_scale} (the cap of the '
           'learned temperature)')
-  # 0 as well as None turns either off: a float field cannot be set to None from the
-  # command line
-  for name in ('budget_error_unit', 'budget_horizon'):
-    if moe[name] is not None and not (isinstance(moe[name], (int, float)) and moe[name] >= 0):
-      _fail(f'model.moe.{name}', moe[name], 'must be a number >= 0 (0 or None: off)')
+  for field in ZERO_MEANS_OFF:
+    value = get_field(config, field)
+    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+      _fail(field, value, 'must be a number >= 0 (0 or None: off)')
   if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
     _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
   for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',
@@ -278,6 +284,14 @@ def load_config_file(path: str, *args) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
+
+
+def get_field(config, dotted: str):
+  """config['a']['b'] for 'a.b'."""
+  node = config
+  for name in dotted.split('.'):
+    node = node[name]
+  return node
 
 
 def set_field(config, dotted: str, value):

@@ -31,7 +31,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import names, routers
+from dynmoe_jax import config_lib, names, routers
 
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e2
 MAX_STEPS = 5.0  # most `rate` steps in one update (error_unit set)
@@ -122,5 +122,5 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
                 float(initial), tuple(names.moe_layer_names(layout)),
                 add_unrouted=not moe.top_any_train_fallback,
                 two_sided=bool(moe.budget_two_sided),
-                error_unit=float(moe.budget_error_unit) if moe.budget_error_unit else None,
-                horizon=float(moe.budget_horizon) if moe.budget_horizon else None)
+                error_unit=config_lib.off_or_float(moe.budget_error_unit),
+                horizon=config_lib.off_or_float(moe.budget_horizon))

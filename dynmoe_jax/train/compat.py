@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from dynmoe_jax import checkpointing
+from dynmoe_jax import checkpointing, config_lib
 
 # Dotted config fields (or prefixes ending in '.') a resumed run may change.
 RESUMABLE_FIELDS = (
@@ -39,8 +39,6 @@ ABSENT_MEANS = {
     'model.moe.budget_error_unit': None,
     'model.moe.budget_horizon': None,
 }
-# Fields whose 0 means None (the command line cannot say None for a float).
-ZERO_IS_NONE = ('model.moe.budget_error_unit', 'model.moe.budget_horizon')
 
 
 class RunMismatchError(checkpointing.ModelMismatchError):
@@ -68,7 +66,7 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]
 
   def value(config, key):
     v = config.get(key, ABSENT_MEANS.get(key, '<absent>'))
-    return None if key in ZERO_IS_NONE and v == 0 else v
+    return None if key in config_lib.ZERO_MEANS_OFF and v == 0 else v
 
   return [(k, a.get(k, '<absent>'), b.get(k, '<absent>'))
           for k in sorted(set(a) | set(b))
