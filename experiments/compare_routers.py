@@ -306,9 +306,11 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
 
   d = config.data
 
-  def pass_over(name: str, split: str = d.eval_split):
+  def source_of(name: str, split: str = d.eval_split):
+    return pipeline.get_source(name, split, d.data_dir)
+
+  def pass_over(source):
     """Per-example (classify) or per-byte (lm) loss, correctness and experts per token."""
-    source = pipeline.get_source(name, split, d.data_dir)
     losses, correct, experts = [], [], []
     with common.mesh_of(trainer):
       for batch in pipeline.eval_batches(source, trainer.preprocess, config.eval_batch_size):
@@ -329,7 +331,8 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
     return np.concatenate(losses), np.concatenate(correct), np.concatenate(experts, 0)
 
   out: Dict[str, Any] = {'layers': names.moe_layer_names(trainer.compiled.layout.experts)}
-  losses, _, experts = pass_over(d.name)
+  test_source = source_of(d.name)
+  losses, _, experts = pass_over(test_source)
   edges = np.quantile(losses, np.linspace(0, 1, LOSS_BINS + 1))
   bins = np.clip(np.searchsorted(edges, losses, side='right') - 1, 0, LOSS_BINS - 1)
   out['loss_bins'] = [{
@@ -338,13 +341,14 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
       'count': int((bins == b).sum())} for b in range(LOSS_BINS)]
   out['test_experts_per_token'] = experts.mean(0).tolist()
   # as many training examples as the test split has: routing where a budget holds it
-  train_slice = f'train[:{len(pipeline.get_source(d.name, d.eval_split, d.data_dir))}]'
+  train_slice = f'train[:{len(test_source)}]'
   out['train_slice'] = train_slice
-  out['train_slice_experts_per_token'] = pass_over(d.name, train_slice)[2].mean(0).tolist()
+  out['train_slice_experts_per_token'] = pass_over(
+      source_of(d.name, train_slice))[2].mean(0).tolist()
   if task == 'classify' and d.name == 'mnist1d':
     out['noise'] = []
     for multiplier, name in NOISE_DATASETS.items():
-      _, correct, noisy_experts = pass_over(name)
+      _, correct, noisy_experts = pass_over(source_of(name))
       out['noise'].append({'noise_multiplier': multiplier, 'accuracy': float(correct.mean()),
                            'experts_per_token': noisy_experts.mean(0).tolist()})
   return out
