@@ -11,7 +11,7 @@ Top-2 by default (the baseline); DynMoE's top-any at a compute budget of 1.5 exp
 per token beside it, in its own workdir:
   make train CONFIG=configs/lm_base.py
   make train CONFIG=configs/lm_base.py WORKDIR=workdir/lm_base_top_any \\
-    ARGS='--config.model.moe.router=top_any --config.model.moe.target_experts_per_token=1.5'
+    ARGS='--config.model.moe.router=top_any --config.model.moe.target_experts_per_token=1.5 --config.model.moe.top_any_train_fallback=True'
 Capacity is re-planned from routing every 500 steps, so the budget run computes what
 its router uses. Out of memory: `--config.model.remat=dots` (or `full`), or a smaller
 `--config.batch_size`.
