@@ -210,19 +210,13 @@ def _check_adaptive_k(settings, num_experts):
   return _k_within(settings.k, num_experts, '(the max_k of adaptive_k while max_k is unset) ')
 
 
-def _budget_or_expected_k(settings) -> float:
-  """Capacity is sized for a compute budget's target where one is set."""
-  if settings.target_experts_per_token:
-    return settings.target_experts_per_token
-  return settings.k if settings.expected_k is None else settings.expected_k
-
-
 _LOGIT_ROUTER = dict(router_params=('router_kernel',), new_expert_params=_new_logit_router)
 
 REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
     RouterSpec('top_any', _route_top_any, _losses_top_any,
                router_params=('gate_embeddings', 'thresholds', 'log_scale'),
-               expected_k=_budget_or_expected_k,
+               expected_k=lambda s: (s.target_experts_per_token or
+                                     (s.k if s.expected_k is None else s.expected_k)),
                new_expert_params=_new_top_any, budget_loss='efficiency',
                upcycle_router=_upcycle_top_any,
                # max_k bounds the pair list (T·max_k, not T·E); pairs past it are dropped
@@ -231,10 +225,8 @@ REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
     RouterSpec('top_k', _route_top_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
                pairs_per_token=lambda s: s.k, check=_check_k_within, **_LOGIT_ROUTER),
-    # A budget prices top-p's entropy loss: a more confident router reaches p with fewer
-    # experts (the price lowers K, never raises it, as for top-any)
     RouterSpec('top_p', _route_top_p, _losses_top_p, pairs_per_token=lambda s: s.max_k,
-               expected_k=_budget_or_expected_k, budget_loss='entropy', **_LOGIT_ROUTER),
+               **_LOGIT_ROUTER),
     RouterSpec('adaptive_k', _route_adaptive_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
                pairs_per_token=_adaptive_max_k,

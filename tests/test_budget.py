@@ -46,24 +46,12 @@ def test_config_budget_is_off_by_default_and_sized_into_capacity():
       routers.capacity(moe(), 64, 4, True)
 
 
-def test_a_top_p_budget_prices_the_entropy_loss_and_sizes_capacity_for_its_target():
-  config = load_config('tiny', 'top_p')
-  config.model.moe.target_experts_per_token = 1.0
-  config_lib.validate(config, num_devices=1)
-  b = budget_lib.from_config(config, (0, 4))
-  assert (b.target, b.loss) == (1.0, 'entropy')
-  assert b.initial_weight == config.model.moe.entropy_weight
-  moe = lambda **kw: layers.MoE(num_experts=4, hidden_dim=8, router='top_p', **kw)
-  assert routers.capacity(moe(target_experts_per_token=1.0), 64, 4, True) < \
-      routers.capacity(moe(), 64, 4, True)
-
-
 def test_a_budget_needs_a_router_that_takes_one():
   config = load_config('tiny', 'top_k')
   config.model.moe.target_experts_per_token = 1.5
   with pytest.raises(config_lib.ConfigError,
                      match="target_experts_per_token=1.5 is invalid: is for routers with a "
-                           r"compute budget \(\['top_any', 'top_p'\]\)"):
+                           r"compute budget \(\['top_any'\]\)"):
     config_lib.validate(config, num_devices=1)
   config = load_config('tiny')
   config.model.moe.target_experts_per_token = 5.0

@@ -232,17 +232,6 @@ def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, t
     assert float(again.state.moe_controls['layer_1/smoothed_count']) > 0
 
 
-def test_a_top_p_budget_raises_the_entropy_price_while_top_p_takes_more_experts(tmp_path):
-  config = load_config('tiny', 'top_p')
-  config.model.moe.p = 0.9  # most of 4 experts per token: far above a target of 1
-  config.model.moe.target_experts_per_token = 1.0
-  trainer = train.Trainer(config, str(tmp_path / 'run'))
-  trainer.run()
-  rows = [r for r in metrics_rows(tmp_path / 'run') if 'moe/layer_1/entropy_weight' in r]
-  assert rows and rows[0]['moe/layer_1/active_experts'] > 1.0
-  assert float(trainer.state.moe_controls['layer_1']) > 10 * config.model.moe.entropy_weight
-
-
 def test_a_run_saved_before_a_config_field_existed_resumes_with_the_old_behaviour(
     tmp_path, tiny_config):
   """A budget run saved by the version before budget_horizon existed (its config lacks the
