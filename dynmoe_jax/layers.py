@@ -92,10 +92,11 @@ class MoE(nn.Module):
     top_any_differentiable_normalization: combine weights 1/K with the gradient of the
       normalisation (the reference's Tutel variant); False: K a constant (its DeepSpeed
       variant). Forward values are the same.
-    target_experts_per_token: a compute budget (routers whose spec has a budget_loss):
-      capacity is sized for it, and the trainer adapts that loss's weight every step
-      (multiplied or divided by budget_rate) so the mean experts per token meets it;
-      `budget_two_sided` lets that weight turn negative below the target, and
+    target_experts_per_token: a compute budget (routers whose spec has a
+      budget_control): capacity is sized for it, and the trainer adapts the control every
+      step (multiplied or divided by budget_rate) so the mean experts per token meets it:
+      top-any's efficiency-loss weight, top-p's p; `budget_two_sided` lets top-any's
+      weight turn negative below the target, and
       `budget_error_unit` scales each update with the error and `budget_horizon` acts
       on the count predicted that many steps ahead (train.budget).
     *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
@@ -200,14 +201,14 @@ class MoE(nn.Module):
   def __call__(self, x: jax.Array, training: bool = False,
                token_importance: Optional[jax.Array] = None,
                token_mask: Optional[jax.Array] = None,
-               loss_weights: Optional[Dict[str, jax.Array]] = None):
+               controls: Optional[Dict[str, jax.Array]] = None):
     """x [..., D] -> (y [..., D], MoEAux).
 
     token_importance [...]: for routers that need it ('adaptive_k').
     token_mask bool[...]: tokens to route; the others (e.g. padding rows of an eval
       batch) get no expert, take no capacity and are left out of every metric.
-    loss_weights: traced weights that replace the named auxiliary loss weights (the
-      budget controller's).
+    controls: a compute budget's traced values: weights that replace the named auxiliary
+      loss weights (top-any's 'efficiency') or routing settings (top-p's 'p').
     """
     self._validate()
     self._check_width(x.shape[-1])
@@ -220,7 +221,8 @@ class MoE(nn.Module):
     spec = routers.get(self.router)
 
     with jax.named_scope('router'):
-      route, logits, router_params = spec.route(self, tokens, training, token_importance)
+      route, logits, router_params = spec.route(self, tokens, training, token_importance,
+                                                  controls or {})
     if valid is not None:
       route = routing.mask_tokens(route, valid)
     ffn = self._experts(width)
@@ -236,7 +238,7 @@ class MoE(nn.Module):
     computed = experts.PATHS[impl](routed, ffn)
     y = computed.output
 
-    aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params, loss_weights)
+    aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params, controls)
     routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
     unrouted = routing.unrouted(route)
     if valid is not None:

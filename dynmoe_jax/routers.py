@@ -31,8 +31,9 @@ LossTerms = Dict[str, Tuple[float, Callable[[], jax.Array]]]
 @dataclasses.dataclass(frozen=True)
 class RouterSpec:
   name: str
-  # (module, tokens [T, D], training, token_importance [T] or None)
-  #   -> (RouterOutput, logits [T, E] or None, router params dict)
+  # (module, tokens [T, D], training, token_importance [T] or None, controls {name: traced
+  #   value} from a compute budget, or {}) -> (RouterOutput, logits [T, E] or None,
+  #   router params dict)
   route: Callable[..., Tuple[routing.RouterOutput, Optional[jax.Array], Dict[str, jax.Array]]]
   # (settings, route, logits, router params) -> LossTerms
   aux_losses: Callable[..., LossTerms]
@@ -50,9 +51,11 @@ class RouterSpec:
   # (kept router params {name: array}, direction [D] unit vector, kept expert ids)
   #   -> router params of one new expert, stacked on the expert axis
   new_expert_params: Optional[Callable[..., Dict[str, np.ndarray]]] = None
-  # The loss term whose weight a compute budget (target_experts_per_token) controls;
-  # None: the router takes no budget.
-  budget_loss: Optional[str] = None
+  # What a compute budget (target_experts_per_token) controls, a traced value per layer:
+  # an aux-loss term's name (its weight, a price: raising it lowers K) or a routing setting
+  # read from `controls` (top-p's 'p': raising it raises K). None: the router takes no budget.
+  budget_control: Optional[str] = None
+  budget_control_raises_k: bool = False
   # Upcycling from a dense model: (fresh router params, the dense FFN inputs [N, D], the
   # target experts per token, kmeans(inputs, num_clusters) -> unit centroids) -> router
   # params set from data. None: the fresh (small random) init is kept.
@@ -66,8 +69,8 @@ def _param(module: nn.Module, name, init, shape, axes):
 # ----------------------------------------------------------------------------- top-any
 
 
-def _route_top_any(module, tokens, training, token_importance):
-  del token_importance
+def _route_top_any(module, tokens, training, token_importance, controls):
+  del token_importance, controls
   num_experts, width = module.num_experts, tokens.shape[-1]
   gate_embeddings = _param(module, 'gate_embeddings', nn.initializers.orthogonal(),
                            (num_experts, width), ('expert', 'embed'))
@@ -153,16 +156,17 @@ def _balance_and_z(settings, route, logits) -> LossTerms:
           'z_loss': (settings.z_loss_weight, lambda: losses.z_loss(logits))}
 
 
-def _route_top_k(module, tokens, training, token_importance):
-  del training, token_importance
+def _route_top_k(module, tokens, training, token_importance, controls):
+  del training, token_importance, controls
   logits, params = _logits(module, tokens)
   return routing.top_k(logits, module.k, normalize=module.normalize_top_k), logits, params
 
 
-def _route_top_p(module, tokens, training, token_importance):
+def _route_top_p(module, tokens, training, token_importance, controls):
   del training, token_importance
   logits, params = _logits(module, tokens)
-  return routing.top_p(logits, module.p, module.max_k), logits, params
+  p = controls.get('p', module.p)  # a compute budget's adapted p, else the setting
+  return routing.top_p(logits, p, module.max_k), logits, params
 
 
 def _losses_top_p(settings, route, logits, params) -> LossTerms:
@@ -175,8 +179,8 @@ def _adaptive_max_k(settings) -> int:
   return settings.max_k if settings.max_k is not None else settings.k
 
 
-def _route_adaptive_k(module, tokens, training, token_importance):
-  del training
+def _route_adaptive_k(module, tokens, training, token_importance, controls):
+  del training, controls
   if token_importance is None:
     raise ValueError("MoE(router='adaptive_k') needs token_importance (from attention)")
   logits, params = _logits(module, tokens)
@@ -185,8 +189,8 @@ def _route_adaptive_k(module, tokens, training, token_importance):
   return routing.adaptive_k(logits, k_per_token.reshape(tokens.shape[0]), max_k), logits, params
 
 
-def _route_expert_choice(module, tokens, training, token_importance):
-  del training, token_importance
+def _route_expert_choice(module, tokens, training, token_importance, controls):
+  del training, token_importance, controls
   logits, params = _logits(module, tokens)
   capacity = routing.expert_choice_capacity(tokens.shape[0], module.num_experts, module.k)
   return routing.expert_choice(logits, capacity), logits, params
@@ -210,14 +214,20 @@ def _check_adaptive_k(settings, num_experts):
   return _k_within(settings.k, num_experts, '(the max_k of adaptive_k while max_k is unset) ')
 
 
+def _budget_or_expected_k(settings) -> float:
+  """Capacity is sized for a compute budget's target where one is set."""
+  if settings.target_experts_per_token:
+    return settings.target_experts_per_token
+  return settings.k if settings.expected_k is None else settings.expected_k
+
+
 _LOGIT_ROUTER = dict(router_params=('router_kernel',), new_expert_params=_new_logit_router)
 
 REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
     RouterSpec('top_any', _route_top_any, _losses_top_any,
                router_params=('gate_embeddings', 'thresholds', 'log_scale'),
-               expected_k=lambda s: (s.target_experts_per_token or
-                                     (s.k if s.expected_k is None else s.expected_k)),
-               new_expert_params=_new_top_any, budget_loss='efficiency',
+               expected_k=_budget_or_expected_k,
+               new_expert_params=_new_top_any, budget_control='efficiency',
                upcycle_router=_upcycle_top_any,
                # max_k bounds the pair list (T·max_k, not T·E); pairs past it are dropped
                # and counted, like capacity drops
@@ -225,8 +235,11 @@ REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
     RouterSpec('top_k', _route_top_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
                pairs_per_token=lambda s: s.k, check=_check_k_within, **_LOGIT_ROUTER),
+    # A budget adapts p itself: the same multiplicative steps, p lowered while the layer
+    # takes more experts per token than the target and raised while fewer
     RouterSpec('top_p', _route_top_p, _losses_top_p, pairs_per_token=lambda s: s.max_k,
-               **_LOGIT_ROUTER),
+               expected_k=_budget_or_expected_k, budget_control='p',
+               budget_control_raises_k=True, **_LOGIT_ROUTER),
     RouterSpec('adaptive_k', _route_adaptive_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
                pairs_per_token=_adaptive_max_k,
@@ -275,13 +288,17 @@ def check(settings, num_experts: int) -> List[Tuple[str, str]]:
     problems.append(('max_k', f'must be in [1, {num_experts}]'))
   target = settings.target_experts_per_token
   if target is not None:
-    if get(settings.router).budget_loss is None:
+    if get(settings.router).budget_control is None:
       problems.append(('target_experts_per_token',
                        f'is for routers with a compute budget '
-                       f'({[n for n, s in REGISTRY.items() if s.budget_loss]}), not '
+                       f'({[n for n, s in REGISTRY.items() if s.budget_control]}), not '
                        f'{settings.router!r}'))
     elif not 0 < target <= num_experts:
       problems.append(('target_experts_per_token', f'must be in (0, {num_experts}]'))
+    if settings.budget_two_sided and get(settings.router).budget_control_raises_k:
+      problems.append(('budget_two_sided', f'is for a budget that prices experts (a loss '
+                       f'weight); router {settings.router!r} adapts '
+                       f'{get(settings.router).budget_control!r}, which moves both ways'))
   return problems
 
 

@@ -116,12 +116,12 @@ def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOut
 
   Args:
     logits: [T, E].
-    p: threshold in (0, 1].
+    p: threshold in (0, 1]; a traced scalar too (a compute budget's adapted p).
     max_k: optional cap on experts per token.
   """
   logits = _check_logits(logits)
   num_experts = logits.shape[-1]
-  if not 0.0 < p <= 1.0:
+  if isinstance(p, (int, float)) and not 0.0 < p <= 1.0:
     raise ValueError(f'top_p: p={p} must be in (0, 1]')
   if max_k is not None and not 1 <= max_k <= num_experts:
     raise ValueError(f'top_p: max_k={max_k} must be in [1, num_experts={num_experts}]')

@@ -41,12 +41,13 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp',
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
            'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20', 'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls',
-           'dynmoe_b1.5_h20_fb_ls')
+           'dynmoe_b1.5_h20_fb_ls', 'top_p0.4_b1.5')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
            'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20',
-           'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls', 'dynmoe_b1.5_h20_fb_ls')
+           'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls', 'dynmoe_b1.5_h20_fb_ls',
+           'top_p0.4_b1.5')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -100,6 +101,12 @@ def router_variants() -> Dict[str, Callable]:
       c.model.moe.router, c.model.moe.p = 'top_p', p
     return edit
 
+  def top_p_budget(p, target):  # the budget adapts p (from p), default controller
+    def edit(c):
+      top_p(p)(c)
+      c.model.moe.target_experts_per_token = target
+    return edit
+
   def damoe(c):  # as configs/mnist1d_damoe.py
     c.model.moe.router, c.model.moe.max_k, c.model.moe.expected_k = 'adaptive_k', 4, 2.0
 
@@ -146,7 +153,8 @@ def router_variants() -> Dict[str, Callable]:
     return edit
 
   variants = {'dense': dense, 'top1': top_k(1), 'top2': top_k(2), 'top_p0.4': top_p(0.4),
-              'top_p0.6': top_p(0.6), 'damoe': damoe, 'dynmoe_2024': dynmoe_2024,
+              'top_p0.6': top_p(0.6), 'top_p0.4_b1.5': top_p_budget(0.4, 1.5),
+              'damoe': damoe, 'dynmoe_2024': dynmoe_2024,
               'dynmoe': dynmoe, 'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
               'dynmoe_b1.5_2s': budget(1.5, two_sided=True),
               # updates scaled with the error (one budget_rate step per 10%, up to 5)

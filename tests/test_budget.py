@@ -13,7 +13,7 @@ def metrics(active, unrouted):
 
 
 def test_the_weight_rises_above_the_target_and_falls_below_it():
-  b = budget_lib.Budget(target=1.5, rate=2.0, loss='efficiency', initial_weight=0.01,
+  b = budget_lib.Budget(target=1.5, rate=2.0, control='efficiency', initial_weight=0.01,
                         layers=('layer_1',))
   controls = b.initial_controls()
   # 1.2 experts + 0.4 zero-expert tokens (1 each in evaluation) = 1.6 > 1.5: dearer
@@ -21,7 +21,8 @@ def test_the_weight_rises_above_the_target_and_falls_below_it():
   assert float(b.update(controls, metrics(1.2, 0.2))['layer_1']) == pytest.approx(0.005)
   high = {'layer_1': jnp.asarray(budget_lib.MAX_WEIGHT)}
   assert float(b.update(high, metrics(3.0, 0.0))['layer_1']) == budget_lib.MAX_WEIGHT
-  assert b.loss_weights(controls) == {'layer_1': {'efficiency': controls['layer_1']}}
+  assert b.layer_controls(controls) == {'layer_1': {'efficiency': controls['layer_1']}}
+  assert b.metric == 'efficiency_weight'
 
 
 def test_with_a_training_fallback_unrouted_tokens_are_not_counted_twice():
@@ -40,10 +41,36 @@ def test_config_budget_is_off_by_default_and_sized_into_capacity():
   assert budget_lib.from_config(config, (0, 4)) is None
   config.model.moe.target_experts_per_token = 1.0
   b = budget_lib.from_config(config, (0, 4))
-  assert (b.target, b.loss, b.layers) == (1.0, 'efficiency', ('layer_1',))
+  assert (b.target, b.control, b.layers) == (1.0, 'efficiency', ('layer_1',))
   moe = lambda **kw: layers.MoE(num_experts=4, hidden_dim=8, **kw)
   assert routers.capacity(moe(target_experts_per_token=1.0), 64, 4, True) < \
       routers.capacity(moe(), 64, 4, True)
+
+
+def test_a_top_p_budget_adapts_p_the_other_way_and_keeps_it_in_range():
+  config = load_config('tiny', 'top_p')
+  config.model.moe.target_experts_per_token = 1.0
+  config_lib.validate(config, num_devices=1)
+  b = budget_lib.from_config(config, (0, 4))
+  assert (b.control, b.raises_k, b.metric) == ('p', True, 'p')
+  assert b.initial_weight == pytest.approx(config.model.moe.p)
+  plain = budget_lib.Budget(target=1.5, rate=2.0, control='p', initial_weight=0.4,
+                            layers=('layer_1',), raises_k=True)
+  w = plain.initial_controls()
+  # above the target p falls, below it rises; never past 1 or under the floor
+  assert float(plain.update(w, metrics(2.0, 0.0))['layer_1']) == pytest.approx(0.2)
+  assert float(plain.update(w, metrics(1.0, 0.0))['layer_1']) == pytest.approx(0.8)
+  assert float(plain.update({'layer_1': jnp.asarray(0.8)}, metrics(1.0, 0.0))['layer_1']) == 1.0
+  low = {'layer_1': jnp.asarray(budget_lib.MIN_P)}
+  assert float(plain.update(low, metrics(3.0, 0.0))['layer_1']) == pytest.approx(budget_lib.MIN_P)
+  assert plain.layer_controls(w) == {'layer_1': {'p': w['layer_1']}}
+  moe = lambda **kw: layers.MoE(num_experts=4, hidden_dim=8, router='top_p', **kw)
+  assert routers.capacity(moe(target_experts_per_token=1.0), 64, 4, True) < \
+      routers.capacity(moe(), 64, 4, True)
+  config.model.moe.budget_two_sided = True
+  with pytest.raises(config_lib.ConfigError, match='budget_two_sided=True is invalid: is for a '
+                     "budget that prices experts .* adapts 'p'"):
+    config_lib.validate(config, num_devices=1)
 
 
 def test_a_budget_needs_a_router_that_takes_one():
@@ -51,7 +78,7 @@ def test_a_budget_needs_a_router_that_takes_one():
   config.model.moe.target_experts_per_token = 1.5
   with pytest.raises(config_lib.ConfigError,
                      match="target_experts_per_token=1.5 is invalid: is for routers with a "
-                           r"compute budget \(\['top_any'\]\)"):
+                           r"compute budget \(\['top_any', 'top_p'\]\)"):
     config_lib.validate(config, num_devices=1)
   config = load_config('tiny')
   config.model.moe.target_experts_per_token = 5.0
@@ -60,7 +87,7 @@ def test_a_budget_needs_a_router_that_takes_one():
 
 
 def test_two_sided_budget_turns_the_price_into_a_subsidy_and_back():
-  b = budget_lib.Budget(target=1.5, rate=10.0, loss='efficiency', initial_weight=1e-4,
+  b = budget_lib.Budget(target=1.5, rate=10.0, control='efficiency', initial_weight=1e-4,
                         layers=('layer_1',), two_sided=True)
   w = b.initial_controls()
   below, above = metrics(1.0, 0.0), metrics(2.0, 0.0)
@@ -80,7 +107,7 @@ def test_two_sided_budget_turns_the_price_into_a_subsidy_and_back():
 
 
 def test_error_unit_scales_each_update_with_the_error():
-  b = budget_lib.Budget(target=1.5, rate=2.0, loss='efficiency', initial_weight=0.01,
+  b = budget_lib.Budget(target=1.5, rate=2.0, control='efficiency', initial_weight=0.01,
                         layers=('layer_1',), error_unit=0.1)
   w = b.initial_controls()
   # 5% above: half a step (x 2**0.5); 20% below: two steps (/ 4); far off: capped at 5
@@ -96,7 +123,7 @@ def test_error_unit_scales_each_update_with_the_error():
 def test_the_plain_rule_multiplies_by_the_python_float_rates():
   # bit for bit what the rule computed before error_unit existed: x 1.05 and x (1 / 1.05)
   # rounded once from float64, not 1 / 1.05 rounded in float32
-  b = budget_lib.Budget(target=1.5, rate=1.05, loss='efficiency', initial_weight=0.01,
+  b = budget_lib.Budget(target=1.5, rate=1.05, control='efficiency', initial_weight=0.01,
                         layers=('layer_1',))
   w = b.initial_controls()['layer_1']
   for experts in (2.0, 1.0, 1.0, 2.0, 1.0):
@@ -106,7 +133,7 @@ def test_the_plain_rule_multiplies_by_the_python_float_rates():
 
 
 def test_horizon_acts_on_the_count_predicted_from_its_smoothed_trend():
-  b = budget_lib.Budget(target=1.5, rate=2.0, loss='efficiency', initial_weight=0.01,
+  b = budget_lib.Budget(target=1.5, rate=2.0, control='efficiency', initial_weight=0.01,
                         layers=('layer_1',), horizon=10.0)
   controls = b.initial_controls()
   key = budget_lib.count_key('layer_1')

@@ -124,6 +124,13 @@ class TopPTest(parameterized.TestCase):
     out = routing.top_p(logits, 0.4)  # 0.5 alone already crosses 0.4
     np.testing.assert_array_equal(out.mask, [[False, False, True]])
 
+  @parameterized.parameters(0.05, 0.4, 1.0)
+  def test_a_traced_p_routes_as_the_static_one(self, p):
+    # a compute budget feeds p in as a traced scalar, one program for every value
+    logits = random_logits(2, scale=1.0)
+    traced = jax.jit(lambda l, q: routing.top_p(l, q))(logits, jnp.float32(p))
+    assert_router_output(traced, *np_top_p(logits, p))
+
   def test_top1_always_kept_for_tiny_p(self):
     out = routing.top_p(random_logits(3), 1e-6)
     np.testing.assert_array_equal(out.num_active, np.ones(64))

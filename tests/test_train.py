@@ -232,6 +232,30 @@ def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, t
     assert float(again.state.moe_controls['layer_1/smoothed_count']) > 0
 
 
+def test_a_top_p_budget_lowers_p_while_top_p_takes_more_experts_and_resumes_exactly(
+    tmp_path):
+  config = load_config('tiny', 'top_p')
+  config.model.moe.p = 0.9  # most of 4 experts per token: far above a target of 1.2
+  config.model.moe.target_experts_per_token = 1.2
+  straight = train.Trainer(config, str(tmp_path / 'straight'))
+  straight.run()
+  rows = [r for r in metrics_rows(tmp_path / 'straight') if 'moe/layer_1/p' in r]
+  assert rows and rows[0]['moe/layer_1/active_experts'] > 1.2
+  assert float(straight.state.moe_controls['layer_1']) < 0.9
+  # p reaches routing: the last rows take fewer experts than the first
+  assert rows[-1]['moe/layer_1/active_experts'] < rows[0]['moe/layer_1/active_experts']
+
+  def crash(trainer, step):
+    if step == 13:
+      raise Crash()
+
+  with pytest.raises(Crash):
+    train.Trainer(config, str(tmp_path / 'resumed'), on_step=crash).run()
+  again = train.Trainer(config, str(tmp_path / 'resumed'))
+  again.run()
+  chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
+
+
 def test_a_run_saved_before_a_config_field_existed_resumes_with_the_old_behaviour(
     tmp_path, tiny_config):
   """A budget run saved by the version before budget_horizon existed (its config lacks the

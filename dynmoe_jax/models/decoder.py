@@ -142,7 +142,7 @@ class DecoderBlock(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x, training: bool, token_mask=None, loss_weights=None):
+  def __call__(self, x, training: bool, token_mask=None, controls=None):
     norm = lambda name: RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     x = x + CausalAttention(self.num_heads, self.rope_base, self.attention_impl, self.dtype,
                             self.param_dtype, self.decode, self.cache_len,
@@ -152,7 +152,7 @@ class DecoderBlock(nn.Module):
     if self.num_experts:
       moe = layers.MoE(num_experts=self.num_experts, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='moe', **dict(self.moe))
-      y, aux = moe(h, training=training, token_mask=token_mask, loss_weights=loss_weights)
+      y, aux = moe(h, training=training, token_mask=token_mask, controls=controls)
       if self.shared_expert:
         y = y + GatedFFN(moe.hidden_dim, self.dtype, self.param_dtype, name='shared_expert')(h)
     else:
@@ -186,7 +186,7 @@ class DecoderLM(nn.Module):
   max_len: int = 512
 
   @nn.compact
-  def __call__(self, inputs, training: bool = False, example_mask=None, moe_loss_weights=None):
+  def __call__(self, inputs, training: bool = False, example_mask=None, moe_controls=None):
     if len(self.experts_per_layer) != self.num_layers:
       raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
                        f'{self.num_layers} layers')
@@ -213,7 +213,7 @@ class DecoderLM(nn.Module):
       block = block_type(self.num_heads, self.mlp_dim, num_experts, moe, self.shared_expert,
                          self.rope_base, self.attention_impl, self.dtype, self.param_dtype,
                          self.decode, self.max_len, name=names.layer_name(i))
-      x, aux = block(x, training, token_mask, (moe_loss_weights or {}).get(names.layer_name(i)))
+      x, aux = block(x, training, token_mask, (moe_controls or {}).get(names.layer_name(i)))
       if aux is not None:
         moe_aux[names.layer_name(i)] = aux
     x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm_final')(x)

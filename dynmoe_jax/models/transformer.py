@@ -110,7 +110,7 @@ class Block(nn.Module):
   ffn_bias: bool = True  # dense FFN biases (experts have none: upcycling needs False)
 
   @nn.compact
-  def __call__(self, x, attention_mask, training: bool, token_mask=None, loss_weights=None):
+  def __call__(self, x, attention_mask, training: bool, token_mask=None, controls=None):
     h, probs = SelfAttention(self.num_heads, self.dropout, self.dtype, self.param_dtype,
                              name='attention')(layer_norm(self.dtype, 'ln_attention')(x),
                                                attention_mask, training)
@@ -123,7 +123,7 @@ class Block(nn.Module):
       importance = (token_importance(probs, attention_mask)
                     if routers.get(moe.router).needs_token_importance else None)
       h, aux = moe(h, training=training, token_importance=importance, token_mask=token_mask,
-                   loss_weights=loss_weights)
+                   controls=controls)
     else:
       h = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, self.param_dtype, 'wi',
                 use_bias=self.ffn_bias)(h)
@@ -195,10 +195,10 @@ class MoETransformer(nn.Module):
   ffn_bias: bool = True
 
   @nn.compact
-  def __call__(self, inputs, training: bool = False, example_mask=None, moe_loss_weights=None):
+  def __call__(self, inputs, training: bool = False, example_mask=None, moe_controls=None):
     """example_mask [B]: rows to count (eval padding rows are 0); their tokens are routed
     nowhere, so they take no expert capacity and stay out of the MoE metrics.
-    moe_loss_weights: {MoE block name: {loss name: traced weight}} (budget controllers)."""
+    moe_controls: {MoE block name: {name: traced value}} (budget controllers: see MoE)."""
     if len(self.experts_per_layer) != self.num_layers:
       raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
                        f'{self.num_layers} layers')
@@ -230,7 +230,7 @@ class MoETransformer(nn.Module):
       block = Block(self.num_heads, self.mlp_dim, num_experts, moe, self.dropout,
                     self.dtype, self.param_dtype, self.ffn_bias, name=names.layer_name(i))
       x, aux = block(x, attention_mask, training, token_mask,
-                     (moe_loss_weights or {}).get(names.layer_name(i)))
+                     (moe_controls or {}).get(names.layer_name(i)))
       if aux is not None:
         moe_aux[names.layer_name(i)] = aux
     x = layer_norm(self.dtype, 'ln_final')(x)

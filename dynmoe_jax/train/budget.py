@@ -4,7 +4,9 @@ Neither the DynMoE paper nor other MoE libraries offer one for threshold routing
 MoE layer's weight of the router's budget loss (top-any: the efficiency loss, mean
 K / E) is controller state, adapted every step in the manner of ReMoE's adaptive L1
 coefficient (arXiv 2412.14711): multiplied by `rate` while the layer activates more
-experts per token than the target, divided by it while fewer. Tokens still choose
+experts per token than the target, divided by it while fewer. Top-p's control is p itself,
+moved the other way (divided while above the target, multiplied while below, at most 1):
+pricing its entropy loss instead collapsed its router onto one or two experts. Tokens still choose
 their own K; the controller only moves the price of an expert. A price cannot raise K: a
 layer whose own choice is below the target stays below it. `two_sided=True` lets the
 weight pass through zero into a subsidy (a negative weight: the efficiency gradient then
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from dynmoe_jax import config_lib, names, routers
 
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e2
+MIN_P = 1e-3  # an adapted top-p p: its floor (top-1 for nearly every token) and cap 1
 MAX_STEPS = 5.0  # most `rate` steps in one update (error_unit set)
 TREND_DECAY = 0.9  # of the smoothed count whose step-to-step change is the trend (horizon)
 
@@ -46,10 +49,13 @@ def count_key(layer: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Budget:
   target: float              # experts per token
-  rate: float                # multiplicative step of the weight, > 1
-  loss: str                  # the aux-loss term whose weight is controlled
-  initial_weight: float
+  rate: float                # multiplicative step of the controlled value, > 1
+  # the aux-loss term whose weight is controlled, or the routing setting (top-p's 'p')
+  control: str
+  initial_weight: float      # the controlled value's start
   layers: Tuple[str, ...]    # MoE block names
+  # the value raises K as it grows (top-p's p) instead of pricing experts (a loss weight)
+  raises_k: bool = False
   # training's active_experts lacks evaluation's top-1 fallback for unrouted tokens
   add_unrouted: bool = True
   # the weight may change sign: below the target a negative weight subsidises experts
@@ -69,8 +75,15 @@ class Budget:
                        for layer in self.layers})
     return controls
 
-  def loss_weights(self, controls: Mapping[str, jax.Array]) -> Dict[str, Dict[str, jax.Array]]:
-    return {layer: {self.loss: controls[layer]} for layer in self.layers}
+  @property
+  def metric(self) -> str:
+    """The train rows' name of the controlled value (moe/<layer>/<metric>)."""
+    return self.control if self.raises_k else f'{self.control}_weight'
+
+  def layer_controls(self, controls: Mapping[str, jax.Array]
+                     ) -> Dict[str, Dict[str, jax.Array]]:
+    """{layer: {control: traced value}}: what the model's MoE blocks read."""
+    return {layer: {self.control: controls[layer]} for layer in self.layers}
 
   def update(self, controls: Mapping[str, jax.Array], metrics: Mapping[str, jax.Array]
              ) -> Dict[str, jax.Array]:
@@ -97,6 +110,10 @@ class Budget:
         error = jnp.abs(experts - self.target) / self.target
         step = jnp.power(self.rate, jnp.minimum(error / self.error_unit, MAX_STEPS))
         inverse = 1.0 / step
+      if self.raises_k:
+        factor = jnp.where(above, inverse, step)
+        out[layer] = jnp.clip(weight * factor, MIN_P, 1.0).astype(jnp.float32)
+        continue
       if not self.two_sided:
         factor = jnp.where(above, step, inverse)
         out[layer] = jnp.clip(weight * factor, MIN_WEIGHT, MAX_WEIGHT).astype(jnp.float32)
@@ -116,10 +133,12 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
   moe = config.model.moe
   if moe.target_experts_per_token is None:
     return None
-  loss = routers.get(moe.router).budget_loss
-  initial = moe[f'{loss}_weight'] or 0.01
-  return Budget(float(moe.target_experts_per_token), float(moe.budget_rate), loss,
+  spec = routers.get(moe.router)
+  control = spec.budget_control
+  initial = moe[control] if spec.budget_control_raises_k else (moe[f'{control}_weight'] or 0.01)
+  return Budget(float(moe.target_experts_per_token), float(moe.budget_rate), control,
                 float(initial), tuple(names.moe_layer_names(layout)),
+                raises_k=spec.budget_control_raises_k,
                 add_unrouted=not moe.top_any_train_fallback,
                 two_sided=bool(moe.budget_two_sided),
                 error_unit=config_lib.off_or_float(moe.budget_error_unit),

@@ -96,8 +96,9 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
   augment_shift > 0: signals are randomly shifted by up to that many samples.
   skip_nonfinite: a step whose loss or gradients are not finite leaves the params
   and optimizer state as they were (the step counter still advances).
-  budget: a `train.budget.Budget`, whose controllers (state.moe_controls) weight the
-  router's budget loss and are updated from this step's routing.
+  budget: a `train.budget.Budget`, whose controllers (state.moe_controls) set the
+  router's budget control (a loss weight, or top-p's p) and are updated from this step's
+  routing.
   """
 
   def train_step(state: TrainState, batch):
@@ -107,11 +108,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     if augment_shift > 0:
       inputs = augment.augment_shift(inputs, aug_rng, augment_shift)
 
-    loss_weights = budget.loss_weights(state.moe_controls) if budget else None
+    layer_controls = budget.layer_controls(state.moe_controls) if budget else None
 
     def loss_fn(params):
       logits, aux = model.apply({'params': params}, inputs, training=True,
-                                rngs={'dropout': dropout_rng}, moe_loss_weights=loss_weights)
+                                rngs={'dropout': dropout_rng}, moe_controls=layer_controls)
       loss, sums = task_loss(logits, batch, task)
       return loss + aux['loss'], (loss, sums, aux)
 
@@ -124,7 +125,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     controls = (budget.update(state.moe_controls, moe_metrics) if budget
                 else state.moe_controls)
     for layer in (budget.layers if budget else ()):
-      moe_metrics[names.metric_key(layer, f'{budget.loss}_weight')] = state.moe_controls[layer]
+      moe_metrics[names.metric_key(layer, budget.metric)] = state.moe_controls[layer]
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               moe_controls=controls)
     if skip_nonfinite:
