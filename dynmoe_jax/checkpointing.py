@@ -74,9 +74,10 @@ class Checkpointer:
 
 
 def restore_params(workdir: str, config, sample_inputs):
-  """(model, the newest checkpoint's params as host arrays, its step) of the run of
-  `config` in `workdir`, in the layout that checkpoint's meta records. Opens the
-  checkpoints read-only: nothing in `workdir` is written."""
+  """(model, the newest checkpoint's params as host arrays, its step, its budget's
+  controls for the model's `moe_controls` or None) of the run of `config` in `workdir`,
+  in the layout that checkpoint's meta records. Opens the checkpoints read-only: nothing
+  in `workdir` is written."""
   import jax
   from dynmoe_jax import config_lib, sharding
   from dynmoe_jax.layout import Layout
@@ -102,7 +103,9 @@ def restore_params(workdir: str, config, sample_inputs):
         state=ocp.args.StandardRestore(abstract)))
   finally:
     manager.close()
-  return model, jax.device_get(restored['state'].params), step
+  state = jax.device_get(restored['state'])
+  controls = budget.layer_controls(state.moe_controls) if budget else None
+  return model, state.params, step, controls
 
 
 class ModelMismatchError(ValueError):

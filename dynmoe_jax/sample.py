@@ -31,13 +31,14 @@ def decode_bytes(tokens) -> bytes:
 
 
 def generate(model, params, prompt: np.ndarray, max_new: int, *, temperature: float = 1.0,
-             seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+             seed: int = 0, moe_controls=None) -> Tuple[np.ndarray, np.ndarray]:
   """(tokens [P + N], experts per token [P + N, MoE layers]) for one prompt.
 
   model: a `decoder.DecoderLM` with decode=True and max_len >= P + N. The prompt is
   read in one call (its keys and values cached), then one token per call; a token's
   expert counts are those of the call that read it (the last generated token is never
-  read, so its counts are those of nothing: -1)."""
+  read, so its counts are those of nothing: -1). moe_controls: a compute budget's
+  controls as the run trained with them (`restore`), e.g. top-p's adapted p."""
   prompt = np.asarray(prompt, np.int32)
   total = len(prompt) + max_new
   if total > model.max_len:
@@ -49,6 +50,7 @@ def generate(model, params, prompt: np.ndarray, max_new: int, *, temperature: fl
   @jax.jit
   def step(cache, tokens):
     (logits, _), state = model.apply({'params': params, 'cache': cache}, tokens,
+                                     moe_controls=moe_controls,
                                      mutable=['cache', 'intermediates'])
     counts = [state['intermediates'][l]['moe']['active_experts_per_token'] for l in layers]
     counts = jnp.stack(counts, -1) if counts else jnp.zeros(tokens.shape + (0,), jnp.int32)
@@ -76,7 +78,8 @@ def generate(model, params, prompt: np.ndarray, max_new: int, *, temperature: fl
 
 
 def restore(workdir: str):
-  """(decode-mode model, params) of the newest checkpoint in `workdir`."""
+  """(decode-mode model, params, budget controls or None) of the newest checkpoint in
+  `workdir`."""
   from dynmoe_jax import checkpointing
   from dynmoe_jax.train import compat
   import ml_collections
@@ -89,8 +92,8 @@ def restore(workdir: str):
                      f'{config.model.arch!r}')
   config.model.remat = 'none'
   sample = np.ones((1, config.data.seq_len), np.int32)
-  model, params, _ = checkpointing.restore_params(workdir, config, sample)
-  return model.clone(decode=True), params
+  model, params, _, controls = checkpointing.restore_params(workdir, config, sample)
+  return model.clone(decode=True), params, controls
 
 
 BOLD, RESET = '\033[1m', '\033[0m'
@@ -140,10 +143,11 @@ def main(argv=None):
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on read-only checkpoints
   try:
-    model, params = restore(args.workdir)
+    model, params, controls = restore(args.workdir)
     prompt = encode(args.prompt)
     tokens, experts = generate(model, params, prompt, args.max_new,
-                               temperature=args.temperature, seed=args.seed)
+                               temperature=args.temperature, seed=args.seed,
+                               moe_controls=controls)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -245,7 +245,7 @@ def from_checkpoint(config, fresh_params, example_batch, train_batch) -> Dict[st
   start = time.perf_counter()
   dense = dense_config(config.init_from, config)
   sample = steps.model_inputs({k: v[:1] for k, v in example_batch.items()}, task)
-  dense_model, dense_params, dense_step = checkpointing.restore_params(
+  dense_model, dense_params, dense_step, _ = checkpointing.restore_params(
       config.init_from, dense, sample)
   inputs = None
   if routers.get(config.model.moe.router).upcycle_router is not None:

@@ -291,12 +291,12 @@ def time_train_steps(args, task: str) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- phase 3
 
 
-def per_token_experts(trainer, params, batch):
+def per_token_experts(trainer, params, moe_controls, batch):
   """Forward pass in eval mode: (logits, {layer: int[B, S] experts per token})."""
   model = trainer.compiled.model
   inputs = train.model_inputs(batch, trainer.config.model.task)
   (logits, _), state = model.apply({'params': params}, inputs, training=False,
-                                   mutable=['intermediates'])
+                                   moe_controls=moe_controls, mutable=['intermediates'])
   counts = {name: state['intermediates'][name]['moe']['active_experts_per_token']
             for name in names.moe_layer_names(trainer.compiled.layout.experts)}
   return logits, counts
@@ -308,8 +308,8 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
   task = config.model.task
 
   @jax.jit
-  def forward(params, batch):
-    logits, counts = per_token_experts(trainer, params, batch)
+  def forward(params, moe_controls, batch):
+    logits, counts = per_token_experts(trainer, params, moe_controls, batch)
     return logits, counts, train.example_losses(logits, batch, task)[0]
 
   d = config.data
@@ -323,7 +323,8 @@ def routing_analysis(config, workdir: str) -> Dict[str, Any]:
     with common.mesh_of(trainer):
       for batch in pipeline.eval_batches(source, trainer.preprocess, config.eval_batch_size):
         keep = batch.pop('mask') > 0
-        logits, counts, loss = jax.device_get(forward(state.params, batch))
+        logits, counts, loss = jax.device_get(
+            forward(state.params, trainer.compiled.layer_controls(state), batch))
         layer_counts = np.stack([counts[n] for n in sorted(counts, key=names.layer_index)],
                                 -1)  # [B, S, L]
         if task == 'classify':

@@ -51,6 +51,23 @@ def test_generate_is_greedy_at_temperature_zero_and_counts_experts():
   assert page.count('<span') >= 16 and '\033[1m' in text
 
 
+def test_generate_routes_with_a_budgets_controls():
+  from dynmoe_jax.models import decoder
+  from tests.test_decoder import V
+  moe = dict(router='top_p', p=0.5, hidden_dim=32, glu=True, activation='silu',
+             capacity_factor=8.0, eval_capacity_factor=8.0)
+  model = decoder.DecoderLM(num_layers=2, dim=32, num_heads=2, mlp_dim=64,
+                            experts_per_layer=(0, 4), moe=moe, vocab_size=V, max_len=32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens())['params'])
+  prompt = sample.encode('def f(')
+  counts = {}
+  for p in (1e-3, 1.0):  # top-1 for every token / every expert of 4
+    _, experts = sample.generate(model.clone(decode=True), params, prompt, 4, temperature=0.0,
+                                 moe_controls={'layer_1': {'p': jnp.float32(p)}})
+    counts[p] = experts[:-1, 0]
+  assert (counts[1e-3] == 1).all() and (counts[1.0] == 4).all()
+
+
 @pytest.mark.slow
 def test_sample_command_on_a_trained_run(tmp_path, capsys, monkeypatch):
   from dynmoe_jax import train

@@ -4,6 +4,7 @@ import os
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -244,6 +245,11 @@ def test_a_top_p_budget_lowers_p_while_top_p_takes_more_experts_and_resumes_exac
   assert float(straight.state.moe_controls['layer_1']) < 0.9
   # p reaches routing: the last rows take fewer experts than the first
   assert rows[-1]['moe/layer_1/active_experts'] < rows[0]['moe/layer_1/active_experts']
+  # evaluation routes with the adapted p, not the config's
+  adapted = straight.evaluate(straight.state)['moe/layer_1/active_experts']
+  as_configured = straight.evaluate(straight.state.replace(moe_controls={
+      **straight.state.moe_controls, 'layer_1': jnp.float32(0.9)}))
+  assert adapted < as_configured['moe/layer_1/active_experts'] - 0.5
 
   def crash(trainer, step):
     if step == 13:

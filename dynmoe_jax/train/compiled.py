@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -33,6 +33,11 @@ class Compiled:
   train_step: Callable
   eval_step: Callable
   seconds: float = 0.0           # wall time the compile took
+  budget: Optional[budget_lib.Budget] = None  # the compute budget's controller, if any
+
+  def layer_controls(self, state) -> Optional[Dict[str, Dict[str, Any]]]:
+    """What the model's MoE blocks read from `state`'s budget controllers (None: none)."""
+    return self.budget.layer_controls(state.moe_controls) if self.budget else None
 
   def cost(self) -> Dict[str, float]:
     """XLA's cost analysis of the compiled train step (one step, whole batch)."""
@@ -95,11 +100,11 @@ def compile_layout(config, layout: Layout, *, mesh, tx: optax.GradientTransforma
         in_shardings=(shardings, jax.tree.map(lambda a: a.sharding, train_batch)),
         out_shardings=(shardings, None, None), donate_argnums=(0,)
     ).lower(abstract_state, train_batch).compile()
-    eval_step = jax.jit(steps.make_eval_step(model, task=task)).lower(
-        abstract_state.params, eval_batch).compile()
+    eval_step = jax.jit(steps.make_eval_step(model, task=task, budget=budget)).lower(
+        abstract_state.params, abstract_state.moe_controls, eval_batch).compile()
   return Compiled(layout, model, init, shardings, abstract_state,
                   adaptive.expert_axes(boxed.params), train_step, eval_step,
-                  seconds=time.perf_counter() - start)
+                  seconds=time.perf_counter() - start, budget=budget)
 
 
 def init_state(compiled: Compiled, mesh, seed: int) -> state_lib.TrainState:

@@ -151,13 +151,16 @@ EVAL_COUNTS = ('tokens', 'all_tokens', 'routed_pairs', 'unrouted_tokens', 'dropp
                'rows', 'activated_flops', 'computed_flops', 'capacity')
 
 
-def make_eval_step(model, *, task: str) -> Callable:
-  """(params, batch with 'mask') -> sums to add up over the eval set. Padding rows
-  (mask 0) are routed nowhere, so every figure is the same for any batch size."""
+def make_eval_step(model, *, task: str, budget=None) -> Callable:
+  """(params, moe_controls, batch with 'mask') -> sums to add up over the eval set.
+  Padding rows (mask 0) are routed nowhere, so every figure is the same for any batch
+  size. A budget's controllers (the train state's moe_controls) route as in training:
+  top-p's adapted p is part of the model it trained."""
 
-  def eval_step(params, batch):
+  def eval_step(params, moe_controls, batch):
+    layer_controls = budget.layer_controls(moe_controls) if budget else None
     logits, aux = model.apply({'params': params}, model_inputs(batch, task), training=False,
-                              example_mask=batch['mask'])
+                              example_mask=batch['mask'], moe_controls=layer_controls)
     _, sums = task_loss(logits, batch, task)
     for layer, a in aux['moe'].items():
       m = a.metrics

@@ -153,7 +153,7 @@ class Trainer:
     totals: Dict[str, Any] = {}
     for batch in pipeline.eval_batches(self.eval_source, self.preprocess, self.eval_rows,
                                        jax.process_index(), jax.process_count()):
-      sums = self.compiled.eval_step(state.params, self.device_batch(batch))
+      sums = self.compiled.eval_step(state.params, state.moe_controls, self.device_batch(batch))
       for key, value in jax.device_get(sums).items():
         totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
     return steps.summarize_eval(totals, self.config.model.task)
