@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import plots, train
-from tests.conftest import load_config, run_main
+from tests.conftest import killed_and_resumed, load_config, run_main
 
 pytestmark = pytest.mark.slow  # end-to-end: trains models
 
@@ -217,15 +217,7 @@ def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, t
   straight.run()
   weight = float(straight.state.moe_controls['layer_1'])
   assert weight != pytest.approx(tiny_config.model.moe.efficiency_weight)
-
-  def crash(trainer, step):
-    if step == 13:
-      raise Crash()
-
-  with pytest.raises(Crash):
-    train.Trainer(tiny_config, str(tmp_path / 'resumed'), on_step=crash).run()
-  again = train.Trainer(tiny_config, str(tmp_path / 'resumed'))
-  again.run()
+  again, _ = killed_and_resumed(tiny_config, str(tmp_path / 'resumed'), kill_after=13)
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
   rows = metrics_rows(tmp_path / 'straight')
   assert 'moe/layer_1/efficiency_weight' in rows[-1]
@@ -250,15 +242,7 @@ def test_a_top_p_budget_lowers_p_while_top_p_takes_more_experts_and_resumes_exac
   as_configured = straight.evaluate(straight.state.replace(moe_controls={
       **straight.state.moe_controls, 'layer_1': jnp.float32(0.9)}))
   assert adapted < as_configured['moe/layer_1/active_experts'] - 0.5
-
-  def crash(trainer, step):
-    if step == 13:
-      raise Crash()
-
-  with pytest.raises(Crash):
-    train.Trainer(config, str(tmp_path / 'resumed'), on_step=crash).run()
-  again = train.Trainer(config, str(tmp_path / 'resumed'))
-  again.run()
+  again, _ = killed_and_resumed(config, str(tmp_path / 'resumed'), kill_after=13)
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
 
 
