@@ -41,13 +41,13 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s', 'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp',
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
            'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20', 'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls',
-           'dynmoe_b1.5_h20_fb_ls', 'top_p0.4_b1.5')
+           'dynmoe_b1.5_h20_fb_ls', 'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
            'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20',
            'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls', 'dynmoe_b1.5_h20_fb_ls',
-           'top_p0.4_b1.5')
+           'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -101,10 +101,12 @@ def router_variants() -> Dict[str, Callable]:
       c.model.moe.router, c.model.moe.p = 'top_p', p
     return edit
 
-  def top_p_budget(p, target):  # the budget adapts p (from p), default controller
+  def top_p_budget(p, target, **controller):  # the budget adapts p (from p)
     def edit(c):
       top_p(p)(c)
       c.model.moe.target_experts_per_token = target
+      for key, value in controller.items():  # default: the library's controller
+        c.model.moe[key] = value
     return edit
 
   def damoe(c):  # as configs/mnist1d_damoe.py
@@ -154,6 +156,11 @@ def router_variants() -> Dict[str, Callable]:
 
   variants = {'dense': dense, 'top1': top_k(1), 'top2': top_k(2), 'top_p0.4': top_p(0.4),
               'top_p0.6': top_p(0.6), 'top_p0.4_b1.5': top_p_budget(0.4, 1.5),
+              # p acts on K at once (no optimizer in between): without the predicted trend /
+              # with ReMoE's plain rule
+              'top_p0.4_b1.5_i': top_p_budget(0.4, 1.5, budget_horizon=0.0),
+              'top_p0.4_b1.5_plain': top_p_budget(0.4, 1.5, budget_horizon=0.0,
+                                                  budget_error_unit=0.0),
               'damoe': damoe, 'dynmoe_2024': dynmoe_2024,
               'dynmoe': dynmoe, 'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
               'dynmoe_b1.5_2s': budget(1.5, two_sided=True),
