@@ -103,9 +103,10 @@ def restore_params(workdir: str, config, sample_inputs):
         state=ocp.args.StandardRestore(abstract)))
   finally:
     manager.close()
-  state = jax.device_get(restored['state'])
-  controls = budget.layer_controls(state.moe_controls) if budget else None
-  return model, state.params, step, controls
+  # the params and the budget's controls only: the optimizer state stays off the host
+  state = restored['state']
+  controls = budget.layer_controls(jax.device_get(state.moe_controls)) if budget else None
+  return model, jax.device_get(state.params), step, controls
 
 
 class ModelMismatchError(ValueError):

@@ -283,22 +283,23 @@ def capacity(settings, num_tokens: int, num_experts: int, training: bool) -> int
 
 def check(settings, num_experts: int) -> List[Tuple[str, str]]:
   """(field, message) for each setting that does not fit a layer of `num_experts`."""
-  problems = list(get(settings.router).check(settings, num_experts))
+  spec = get(settings.router)
+  problems = list(spec.check(settings, num_experts))
   if settings.max_k is not None and not 1 <= settings.max_k <= num_experts:
     problems.append(('max_k', f'must be in [1, {num_experts}]'))
   target = settings.target_experts_per_token
   if target is not None:
-    if get(settings.router).budget_control is None:
+    if spec.budget_control is None:
       problems.append(('target_experts_per_token',
                        f'is for routers with a compute budget '
                        f'({[n for n, s in REGISTRY.items() if s.budget_control]}), not '
                        f'{settings.router!r}'))
     elif not 0 < target <= num_experts:
       problems.append(('target_experts_per_token', f'must be in (0, {num_experts}]'))
-    if settings.budget_two_sided and get(settings.router).budget_control_raises_k:
+    if settings.budget_two_sided and spec.budget_control_raises_k:
       problems.append(('budget_two_sided', f'is for a budget that prices experts (a loss '
                        f'weight); router {settings.router!r} adapts '
-                       f'{get(settings.router).budget_control!r}, which moves both ways'))
+                       f'{spec.budget_control!r}, which moves both ways'))
   return problems
 
 

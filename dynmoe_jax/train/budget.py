@@ -4,9 +4,7 @@ Neither the DynMoE paper nor other MoE libraries offer one for threshold routing
 MoE layer's weight of the router's budget loss (top-any: the efficiency loss, mean
 K / E) is controller state, adapted every step in the manner of ReMoE's adaptive L1
 coefficient (arXiv 2412.14711): multiplied by `rate` while the layer activates more
-experts per token than the target, divided by it while fewer. Top-p's control is p itself,
-moved the other way (divided while above the target, multiplied while below, at most 1):
-pricing its entropy loss instead collapsed its router onto one or two experts. Tokens still choose
+experts per token than the target, divided by it while fewer. Tokens still choose
 their own K; the controller only moves the price of an expert. A price cannot raise K: a
 layer whose own choice is below the target stays below it. `two_sided=True` lets the
 weight pass through zero into a subsidy (a negative weight: the efficiency gradient then
@@ -19,6 +17,12 @@ overshot by then, and a layer pushed below the target may stay there (README, "T
 budget's controller": ReMoE's rule ends the byte LM 17% under the target, this one within
 10%). The weights (and the smoothed counts) live in the train state: checkpointed, exact
 on resume, replicated on a mesh.
+
+Top-p's control is p itself (`raises_k`), moved the other way: divided while above the
+target, multiplied while below, in [MIN_P, 1]. Pricing its entropy loss instead collapsed
+its router onto one or two experts. p acts on K at once, with no optimizer in between, so
+the horizon only adds jitter there: top-p runs want `horizon=None` (README, "Top-p at a
+budget of 1.5").
 
 The count controlled is the one evaluation reports: training's experts per token plus
 the tokens that activated none (in evaluation those fall back to their top-1 expert),
