@@ -163,6 +163,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   moe = m.moe
   one_of('model.moe.router', moe.router, routers.NAMES)
   one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
+  one_of('model.moe.ragged_backend', moe.ragged_backend, layers.RAGGED_BACKENDS)
   one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
   one_of('model.moe.priority', moe.priority, layers.PRIORITIES)
   positive_int('model.moe.hidden_dim', moe.hidden_dim)

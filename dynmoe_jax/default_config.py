@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.eval_capacity_factor = 4.0
   c.model.moe.capacity_multiple_of = 8
   c.model.moe.dispatch_impl = 'sort'   # sort | einsum | ragged | shard_map_a2a | all_experts_reference
+  # ragged's grouped matmul: auto (megablox on TPU, Pallas Triton on GPU, XLA elsewhere) |
+  # xla | megablox | pallas_triton | tokamax
+  c.model.moe.ragged_backend = 'auto'
   c.model.moe.priority = 'score'
   c.model.moe.activation = 'gelu'
   c.model.moe.glu = False

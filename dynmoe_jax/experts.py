@@ -21,42 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dynmoe_jax import dispatch as dispatch_lib
-from dynmoe_jax import expert_parallel, routing, sharding
-
-def _tokamax():
-  try:
-    import tokamax  # optional: pip install .[gpu] / .[tpu]
-    return tokamax
-  except ImportError:
-    return None
-
-
-def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """Grouped matmul [N, K] x [G, K, M] -> [N, M] over contiguous row groups.
-
-  On GPU and TPU through `tokamax.ragged_dot` (Mosaic GPU / Triton and Pallas kernels)
-  where tokamax is installed; elsewhere `jax.lax.ragged_dot`. On GPU without tokamax,
-  the trainer turns on `jax_ragged_dot_use_gpu_pallas_triton_lowering` (see
-  `use_fast_ragged_dot`): without a kernel XLA expands ragged_dot into a dense dot that
-  does G times the work.
-  """
-  tokamax = _tokamax() if jax.default_backend() in ('gpu', 'tpu') else None
-  if tokamax is not None:
-    return tokamax.ragged_dot(lhs, rhs, group_sizes=group_sizes)
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
-
-
-def use_fast_ragged_dot() -> str:
-  """Which grouped-matmul lowering `ragged_dot` gets on this backend; on GPU without
-  tokamax, switches JAX to its Pallas/Triton lowering. Returns a one-line description."""
-  backend = jax.default_backend()
-  if backend in ('gpu', 'tpu') and _tokamax() is not None:
-    return f'tokamax.ragged_dot ({backend})'
-  if backend == 'gpu':
-    jax.config.update('jax_ragged_dot_use_gpu_pallas_triton_lowering', True)
-    return 'jax.lax.ragged_dot with the Pallas/Triton GPU lowering'
-  return f'jax.lax.ragged_dot (XLA, {backend})'
-
+from dynmoe_jax import expert_parallel, grouped_matmul, routing, sharding
 
 # Logical names of the dispatched activations, so GSPMD places each expert's
 # buffer on the device that owns the expert (the all-to-all).
@@ -65,11 +30,13 @@ DISPATCHED_AXES = ('expert', 'expert_capacity', 'embed')
 
 @dataclasses.dataclass(frozen=True)
 class ExpertFFN:
-  """E stacked FFNs: wi, wi_gate (gated FFN, or None) [E, D, F] and wo [E, F, D]."""
+  """E stacked FFNs: wi, wi_gate (gated FFN, or None) [E, D, F] and wo [E, F, D].
+  `ragged_dot` is the grouped matmul of the ragged path (see `grouped_matmul`)."""
   wi: jax.Array
   wi_gate: Optional[jax.Array]
   wo: jax.Array
   activation: Callable[[jax.Array], jax.Array]
+  ragged_dot: grouped_matmul.GroupedMatmul = grouped_matmul.get('auto')
 
   @property
   def weights(self):
@@ -98,10 +65,12 @@ class ExpertFFN:
 
   def on_sorted(self, sorted_inputs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """[N, D] pairs sorted by expert, group_sizes [E] -> [N, D]."""
-    h = self.activation(ragged_dot(sorted_inputs, self.wi, group_sizes))
-    if self.wi_gate is not None:
-      h = h * ragged_dot(sorted_inputs, self.wi_gate, group_sizes)
-    return ragged_dot(h, self.wo, group_sizes)
+    with jax.named_scope('expert_wi'):
+      h = self.activation(self.ragged_dot(sorted_inputs, self.wi, group_sizes))
+      if self.wi_gate is not None:
+        h = h * self.ragged_dot(sorted_inputs, self.wi_gate, group_sizes)
+    with jax.named_scope('expert_wo'):
+      return self.ragged_dot(h, self.wo, group_sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +111,7 @@ def _ragged(routed: Routed, ffn: ExpertFFN) -> Computed:
   sorted_inputs, state = dispatch_lib.ragged_dispatch(routed.tokens, routed.route.mask,
                                                       max_k=routed.max_k)
   sorted_outputs = ffn.on_sorted(sorted_inputs, state.group_sizes)
-  # the pair list is what ragged_dot multiplies (its unused tail included)
+  # the pair list is what the grouped matmul multiplies (its unused tail included)
   return Computed(state.combine(sorted_outputs, routed.route.weights), state.num_routed,
                   state.num_dropped, rows=sorted_inputs.shape[0])
 

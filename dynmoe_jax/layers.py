@@ -15,10 +15,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import experts, routers, routing
+from dynmoe_jax import experts, grouped_matmul, routers, routing
 
 ROUTERS = routers.NAMES
 DISPATCH_IMPLS = tuple(experts.PATHS)
+RAGGED_BACKENDS = grouped_matmul.BACKENDS
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': nn.gelu, 'relu': nn.relu, 'silu': nn.silu, 'swish': nn.swish}
 PRIORITIES = ('score', 'index')
@@ -77,6 +78,10 @@ class MoE(nn.Module):
       gets ceil(slots·n/tokens) slots in training and eval_capacity_factor/capacity_factor
       times that in evaluation, rounded up to capacity_multiple_of. None: the rule.
     dispatch_impl: a name in `experts.PATHS` (DISPATCH_IMPLS).
+    ragged_backend: the grouped matmul of dispatch_impl='ragged', a name in
+      `grouped_matmul.BACKENDS`: 'auto' (megablox on TPU, the Pallas Triton kernel on
+      GPU, XLA elsewhere, chosen by the platform the step is lowered for), 'xla',
+      'megablox', 'pallas_triton' or 'tokamax'.
     priority: 'score' keeps the most confident pairs when an expert overflows;
       'index' keeps earlier tokens.
     activation: key of ACTIVATIONS. glu: gated FFN act(x·wi) * (x·wi_gate).
@@ -118,6 +123,7 @@ class MoE(nn.Module):
   capacity_multiple_of: int = 8
   planned_capacity: Optional[Tuple[int, int]] = None
   dispatch_impl: str = 'sort'
+  ragged_backend: str = 'auto'
   priority: str = 'score'
   activation: str = 'gelu'
   glu: bool = False
@@ -154,6 +160,9 @@ class MoE(nn.Module):
       raise ValueError(f'MoE.router={self.router!r} is not one of {ROUTERS}')
     if self.dispatch_impl not in DISPATCH_IMPLS:
       raise ValueError(f'MoE.dispatch_impl={self.dispatch_impl!r} is not one of {DISPATCH_IMPLS}')
+    if self.ragged_backend not in RAGGED_BACKENDS:
+      raise ValueError(f'MoE.ragged_backend={self.ragged_backend!r} is not one of '
+                       f'{RAGGED_BACKENDS}')
     for field, message in routers.check(self, E):
       raise ValueError(f'MoE.{field}={getattr(self, field)!r} {message} '
                        f'(router={self.router!r}, num_experts={E})')
@@ -195,7 +204,8 @@ class MoE(nn.Module):
         else None
     wo = self._param('wo', self.kernel_init, (E, F, width), axes_out)
     cast = lambda w: None if w is None else w.astype(self.dtype)
-    return experts.ExpertFFN(cast(wi), cast(wi_gate), cast(wo), ACTIVATIONS[self.activation])
+    return experts.ExpertFFN(cast(wi), cast(wi_gate), cast(wo), ACTIVATIONS[self.activation],
+                             grouped_matmul.get(self.ragged_backend))
 
   @nn.compact
   def __call__(self, x: jax.Array, training: bool = False,

@@ -20,8 +20,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist1d_dynmoe.py',
                                           'ml_collections config file')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, plots)',
-                               required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, plots)')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'estimate memory and step time on --target and '
+                             'lower the step for it, on fake CPU devices; no data, nothing written')
+_TARGET = flags.DEFINE_string('target', 'v5e', 'chip for --dry_run: v5e, v5p, v6e, h100, h200, '
+                              'optionally with a count (v5e-8)')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'call jax.distributed.initialize()')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
@@ -91,6 +94,27 @@ def initialize_distributed():
                                process_id=pid)
 
 
+def dry_run(config):
+  """--dry_run: fake CPU devices for the target's chips, then the estimate; exit 2 with one
+  line where the config does not fit or lower."""
+  import jax
+  from dynmoe_jax import config_lib, dryrun
+  try:
+    chip, count = dryrun.parse_target(_TARGET.value)
+    devices = dryrun.devices_needed(config, count)
+    # before anything starts a backend; a host with an accelerator estimates on its CPU too
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', devices)
+    config_lib.validate(config)
+    print(dryrun.report(dryrun.analyse(config, os.path.basename(_CONFIG_PATH()), chip, devices)))
+  except (dryrun.DryRunError, config_lib.ConfigError) as e:
+    fail(one_line(e))
+
+
+def _CONFIG_PATH() -> str:  # noqa: N802  the --config flag's file, without its overrides
+  return config_flags.get_config_filename(flags.FLAGS['config'])
+
+
 def main(argv):
   del argv
   try:
@@ -98,6 +122,10 @@ def main(argv):
     config.to_dict()  # config_flags reports a file it could not load on first access
   except (OSError, AttributeError, KeyError, ValueError, TypeError) as e:
     fail(one_line(e))
+  if _DRY_RUN.value:
+    return dry_run(config)
+  if not _WORKDIR.value:
+    fail('--workdir is required (a run directory; --dry_run needs none)')
   setup_logging()
   initialize_distributed()
   import jax

@@ -127,6 +127,21 @@ def make_preprocess(kind: str, input_key: str, label_key: Optional[str], seq_len
   return preprocess
 
 
+def example_batch(data_config) -> Batch:
+  """One all-zero example (leading axis 1) of the shapes and dtypes `make_preprocess`
+  gives, from the config and the tfds builder's metadata alone: nothing is generated,
+  read or downloaded (the dry run and the export checks build steps from it)."""
+  d = data_config
+  if d.kind in ('text', 'lm'):
+    out = {'inputs': np.zeros((1, d.seq_len + (d.kind == 'lm')), np.int32)}
+  else:
+    features = tfds.builder(d.name, data_dir=d.data_dir or default_data_dir()).info.features
+    out = {'inputs': np.zeros((1, *features[d.input_key].shape), np.float32)}
+  if d.label_key is not None and d.kind != 'lm':
+    out['labels'] = np.zeros((1,), np.int32)
+  return out
+
+
 class TrainStream:
   """Infinite stream of shuffled training batches, read by step.
 

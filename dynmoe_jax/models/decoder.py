@@ -1,6 +1,6 @@
 """A decoder-only LM of the current kind, with MoE FFN blocks: RMSNorm, rotary position
 embeddings, gated (SwiGLU) FFNs and experts, causal attention through
-`jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere), an
+`jax.nn.dot_product_attention` (XLA's; `attention_impl='cudnn'` for cuDNN's on GPU), an
 optional always-on shared expert, tied embeddings and a remat policy.
 
 Shape letters: B batch, S sequence, D width, H heads, K head width. The call
@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import layers, names, routers
+from dynmoe_jax import flops, layers, names, routers
 from dynmoe_jax.models import transformer
 
 REMAT_POLICIES = {
@@ -85,8 +85,9 @@ class CausalAttention(nn.Module):
     if not self.decode:
       positions = jnp.arange(x.shape[1])
       q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                         implementation=self.implementation)
+      with jax.named_scope(flops.ATTENTION_SCOPE):
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                           implementation=self.implementation)
     else:
       out = self._attend_cached(q, k, v)
     w_out = _kernel(self, 'out', (self.num_heads, head, width), ('heads', 'kv', 'embed'),

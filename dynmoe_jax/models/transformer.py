@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import layers, names, routers
+from dynmoe_jax import flops, layers, names, routers
 
 STEMS = ('conv1d', 'patch', 'embed')
 TASKS = ('classify', 'lm')
@@ -70,11 +70,12 @@ class SelfAttention(nn.Module):
     # ignores, so its gradient is zero and Adam would only amplify rounding noise.
     q, k, v = project('query'), project('key', use_bias=False), project('value')
 
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
-    logits = jnp.where(attention_mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    dropped = nn.Dropout(self.dropout)(probs, deterministic=not training)
-    out = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
+    with jax.named_scope(flops.ATTENTION_SCOPE):
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+      logits = jnp.where(attention_mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      dropped = nn.Dropout(self.dropout)(probs, deterministic=not training)
+      out = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
     w_out = kernel('out_kernel', (self.num_heads, head_dim, width), ('heads', 'kv', 'embed'),
                    (0, 1), 2)
     out = jnp.einsum('bshk,hkd->bsd', out, w_out) + bias('out_bias', (width,), ('embed',))

@@ -22,7 +22,7 @@ RESUMABLE_FIELDS = (
     'eval_batch_size', 'dropped_fraction_warning', 'skip_nonfinite_updates',
     'data.data_dir', 'data.eval_split',
     'mesh.',                      # another device count or mesh: shardings are rebuilt
-    'model.moe.dispatch_impl',    # same parameters, another way to run them
+    'model.moe.dispatch_impl', 'model.moe.ragged_backend',  # same parameters, run another way
     'model.moe.num_experts', 'model.moe.num_experts_per_layer',  # the layout: checked apart
     'adaptive.compile_lead_steps',
 )

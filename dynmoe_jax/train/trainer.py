@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynmoe_jax import checkpointing, config_lib, experts, names, plots, sharding, upcycle
+from dynmoe_jax import checkpointing, config_lib, names, plots, sharding, upcycle
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
@@ -57,7 +57,7 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
     self.tx = config_lib.build_optimizer(config)
     if config.model.moe.dispatch_impl == 'ragged':
-      log.info('ragged dispatch: %s', experts.use_fast_ragged_dot())
+      log.info('ragged dispatch: %s', compiled_lib.check_grouped_matmul(config))
     self.on_step = on_step  # test hook: called with (trainer, step) after every step
     self._stop_requested = False
     self.compiled: Optional[compiled_lib.Compiled] = None
