@@ -3,6 +3,7 @@ worker processes, side-by-side timing, routing analysis, table, JSON and plots."
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -123,3 +124,19 @@ def test_bench_scaling_smoke(tmp_path):
   assert [r['piece'] for r in rows][:2] == ['MoE layer', 'expert FFNs alone']
   assert all(r['ms_E8'] > 0 and r['ms_E64'] > 0 and r['ratio'] > 0 for r in rows)
   assert os.path.exists(f'{out}.png')
+
+
+def test_device_check_smoke_writes_its_table_json_and_plot(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'device_check.py'),
+                         '--smoke', '--out', str(tmp_path)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / 'results.json').read_text())
+  names = [r['name'] for r in result['expert_ffn']]
+  assert names[:3] == ['sort', 'einsum', 'ragged/xla']
+  assert {'ragged/megablox', 'ragged/pallas_triton'} <= set(names)  # interpreted on a CPU
+  assert [r['name'] for r in result['lm']] == ['lm_base/top2', 'lm_base/top_any_b1.5']
+  assert all(r['tflops'] > 0 and r['seconds'] > 0 for r in result['expert_ffn'] + result['lm'])
+  assert result['lm'][0]['step_time_vs_top2'] == 1.0
+  assert (tmp_path / 'results.png').stat().st_size > 0
+  assert '| lm_base/top_any_b1.5 |' in (tmp_path / 'results.md').read_text()
