@@ -1,7 +1,7 @@
 """The LM at accelerator scale: one GPU (H100 / H200) in about 10 minutes.
 
-A decoder (RMSNorm, rotary embeddings, SwiGLU, fused causal attention: cuDNN flash
-attention on NVIDIA GPUs) of width 768 and 12 blocks on `python_corpus`, bytes in
+A decoder (RMSNorm, rotary embeddings, SwiGLU, causal attention: XLA's unless
+`model.attention_impl=cudnn`) of width 768 and 12 blocks on `python_corpus`, bytes in
 contexts of 1,024; blocks 1, 3, ..., 11 are MoE with 16 SwiGLU experts of hidden 768,
 the others SwiGLU of hidden 2048. 226.8M parameters in all (169.9M in experts), 78.1M
 active per token at top-2. bf16 compute, float32 parameters and optimizer state.
