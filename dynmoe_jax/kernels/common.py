@@ -36,3 +36,21 @@ def native_on(platform: str, kernel: Callable, *args):
   return jax.lax.platform_dependent(
       *args, **{platform: functools.partial(kernel, interpret=False)},
       default=functools.partial(kernel, interpret=True))
+
+
+def grouped_matmul_with_vjp(forward: Callable, backward: Callable) -> Callable:
+  """`forward(lhs, rhs, group_sizes)` as a custom_vjp whose gradient is
+  `backward(lhs, rhs, group_sizes, grad) -> (d_lhs, d_rhs)`; group sizes get none."""
+
+  @jax.custom_vjp
+  def grouped_matmul(lhs, rhs, group_sizes):
+    return forward(lhs, rhs, group_sizes)
+
+  def fwd(lhs, rhs, group_sizes):
+    return forward(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+  def bwd(residuals, grad):
+    return (*backward(*residuals, grad), None)
+
+  grouped_matmul.defvjp(fwd, bwd)
+  return grouped_matmul

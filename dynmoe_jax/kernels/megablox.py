@@ -48,24 +48,14 @@ def _forward(lhs, rhs, group_sizes, transpose_rhs: bool):
   return common.mask_rows_past(out[:lhs.shape[0]], group_sizes)
 
 
-@jax.custom_vjp
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """Like `jax.lax.ragged_dot(lhs, rhs, group_sizes)`; rows past sum(group_sizes) are 0."""
-  return _forward(lhs, rhs, group_sizes, transpose_rhs=False)
-
-
-def _fwd(lhs, rhs, group_sizes):
-  return grouped_matmul(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
-
-
-def _bwd(residuals, grad):
-  lhs, rhs, group_sizes = residuals
+def _backward(lhs, rhs, group_sizes, grad):
   grad = common.mask_rows_past(grad, group_sizes).astype(lhs.dtype)
-  d_lhs = _forward(grad, rhs, group_sizes, transpose_rhs=True)
   call = functools.partial(_tgmm, out_dtype=rhs.dtype)
   d_rhs = common.native_on('tpu', call, _padded(lhs).swapaxes(0, 1), _padded(grad),
                            group_sizes)
-  return d_lhs, d_rhs, None
+  return _forward(grad, rhs, group_sizes, transpose_rhs=True), d_rhs
 
 
-grouped_matmul.defvjp(_fwd, _bwd)
+# Like `jax.lax.ragged_dot(lhs, rhs, group_sizes)`; rows past sum(group_sizes) are 0.
+grouped_matmul = common.grouped_matmul_with_vjp(
+    functools.partial(_forward, transpose_rhs=False), _backward)

@@ -177,22 +177,12 @@ def _rhs_grad(lhs, grad, group_sizes, rhs_dtype):
   return out[:, :depth, :cols]
 
 
-@jax.custom_vjp
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """Like `jax.lax.ragged_dot(lhs, rhs, group_sizes)`; rows past sum(group_sizes) are 0."""
-  return _forward(lhs, rhs, group_sizes, transpose_rhs=False)
+def _backward(lhs, rhs, group_sizes, grad):
+  grad = common.mask_rows_past(grad, group_sizes).astype(lhs.dtype)
+  return (_forward(grad, rhs, group_sizes, transpose_rhs=True),
+          _rhs_grad(lhs, grad, group_sizes, rhs.dtype))
 
 
-def _fwd(lhs, rhs, group_sizes):
-  return grouped_matmul(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
-
-
-def _bwd(residuals, grad):
-  lhs, rhs, group_sizes = residuals
-  grad = common.mask_rows_past(grad, group_sizes)
-  d_lhs = _forward(grad.astype(lhs.dtype), rhs, group_sizes, transpose_rhs=True)
-  d_rhs = _rhs_grad(lhs, grad.astype(lhs.dtype), group_sizes, rhs.dtype)
-  return d_lhs, d_rhs, None
-
-
-grouped_matmul.defvjp(_fwd, _bwd)
+# Like `jax.lax.ragged_dot(lhs, rhs, group_sizes)`; rows past sum(group_sizes) are 0.
+grouped_matmul = common.grouped_matmul_with_vjp(
+    functools.partial(_forward, transpose_rhs=False), _backward)
