@@ -3,7 +3,7 @@ path and saves what the sharding tests compare. Launched in a subprocess because
 the CPU device count is fixed when JAX starts.
 
   python tests/sharding_worker.py OUT.npz [key=value ...]
-keys: devices, data, expert, experts, impl, steps, adaptive (1 = on), coordinator,
+keys: devices, data, expert, experts, impl, steps, adaptive (1 = on), adam_eps, coordinator,
       num_processes, process_id
 """
 import os
@@ -37,6 +37,11 @@ def main():
   config.model.moe.num_experts = int(args.get('experts', '8'))
   config.model.moe.dispatch_impl = args.get('impl', 'sort')
   config.model.moe.capacity_factor = 8.0
+  # Adam's first step moves every weight by lr * sign(g). A gradient that is zero up to
+  # rounding (1e-9, summed in another order on another layout or CPU) would then move a
+  # full lr one way or the other; eps well above rounding keeps such weights still, so the
+  # comparison measures the layout, not Adam's sign of noise.
+  config.optimizer.eps = float(args.get('adam_eps', '1e-3'))
   if args.get('adaptive') == '1':
     config.adaptive.enabled = True
     config.adaptive.every = 3
