@@ -24,13 +24,15 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        # created at the first save: a run refused before it leaves no directory
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                              enable_async_checkpointing=False))
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, meta: Dict[str, Any]):
+    os.makedirs(self.directory, exist_ok=True)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()

@@ -35,6 +35,18 @@ def _fail(field: str, value: Any, allowed: str):
   raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
 
 
+def _cadence_hint(config) -> str:
+  """The three boundary fields that fit a run of config.num_train_steps, as overrides."""
+  a = config.adaptive
+  every = max(2, config.num_train_steps // 2)
+  record = max(1, min(a.record_steps, every // 2))
+  lead = min(a.compile_lead_steps, every - record)
+  off = ' '.join(f'--config.adaptive.{f}=False' for f in ('enabled', 'capacity') if a[f])
+  return (f'A boundary cadence that fits sets all three: --config.adaptive.every={every} '
+          f'--config.adaptive.record_steps={record} --config.adaptive.compile_lead_steps={lead} '
+          f'(or no boundaries: {off})')
+
+
 def off_or_float(value) -> Optional[float]:
   """The value of a ZERO_MEANS_OFF field: None when off (None or 0), else a float."""
   return float(value) if value else None
@@ -220,7 +232,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     if a.record_steps + a.compile_lead_steps > a.every:
       _fail('adaptive.record_steps', a.record_steps,
             f'plus adaptive.compile_lead_steps={a.compile_lead_steps} must be <= '
-            f'adaptive.every={a.every}')
+            f'adaptive.every={a.every}. {_cadence_hint(config)}')
     counts = [n for n in layout if n]
     if not counts:
       _fail('adaptive.enabled' if a.enabled else 'adaptive.capacity', True,
@@ -251,7 +263,8 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
             f'adaptive.max_experts={a.max_experts}]')
   if (a.enabled or a.capacity) and a.every >= config.num_train_steps:
     _fail('adaptive.every', a.every, f'must be < num_train_steps={config.num_train_steps} '
-          '(boundaries come every adaptive.every steps; none would be reached)')
+          f'(boundaries come every adaptive.every steps; none would be reached). '
+          f'{_cadence_hint(config)}')
 
   u = config.upcycle
   if config.init_from is not None and not isinstance(config.init_from, str):

@@ -131,14 +131,30 @@ def main(argv):
   import jax
   from dynmoe_jax import checkpointing, config_lib, train, upcycle
   from dynmoe_jax.data import pipeline
+  from dynmoe_jax.train import compat
   user_errors = (config_lib.ConfigError, checkpointing.ModelMismatchError,
-                 pipeline.DatasetNotFoundError, pipeline.SplitError, upcycle.UpcycleError)
+                 pipeline.DatasetNotFoundError, pipeline.SplitError, upcycle.UpcycleError,
+                 compat.WorkdirError)
   try:
     result = train.train_and_evaluate(config, _WORKDIR.value)
   except user_errors as e:
     fail(one_line(e))
+  except OSError as e:  # the machine's, not the config's: a full disk, a vanished mount
+    where = f' ({e.filename})' if e.filename else ''
+    fail(f'{e.strerror or one_line(e)}{where}. Checkpoints already saved are intact: '
+         'rerun the same command to resume once that is fixed.')
   if jax.process_index() == 0:
-    print(json.dumps(result, indent=2, default=float))
+    path = os.path.join(_WORKDIR.value, 'result.json')
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=2, default=float)
+    print(summary_line(result, path))
+
+
+def summary_line(result, path: str) -> str:
+  figures = ', '.join(f'{k} {v:.4g}' for k, v in result['eval'].items()
+                      if k in ('loss', 'accuracy', 'bits_per_byte') and isinstance(v, float))
+  return (f"{result['status']} at step {result['step']}: eval {figures or 'none'}; experts "
+          f"per layer {result['experts_per_layer']} (all figures: {path})")
 
 
 if __name__ == '__main__':

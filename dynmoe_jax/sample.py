@@ -3,8 +3,9 @@ how many experts each prompt and generated token used.
 
   python -m dynmoe_jax.sample --workdir=workdir/lm_small --prompt='def main(' --max_new=200
 
-Prints the text coloured by experts per token (mean over MoE layers) and writes
-`<workdir>/sample.html` with the same colouring and each token's per-layer counts.
+Prints the text coloured by experts per token (mean over MoE layers; colours on a terminal
+only, with their key) and, with `--html=PATH`, writes a page with the same colouring and each
+token's per-layer counts. The run in `--workdir` is only read.
 """
 from __future__ import annotations
 
@@ -108,27 +109,33 @@ def _bucket(mean_experts: float, top: float) -> int:
   return int(min(len(COLOURS) - 1, round(mean_experts / max(top, 1e-9) * (len(COLOURS) - 1))))
 
 
-def render(tokens: np.ndarray, experts: np.ndarray, prompt_len: int) -> Tuple[str, str]:
-  """(ANSI-coloured text, an HTML page): each byte coloured by its experts per token."""
+def render(tokens: np.ndarray, experts: np.ndarray, prompt_len: int,
+           colour: bool = True) -> Tuple[str, str, str]:
+  """(the text, ANSI-coloured when `colour`; its colour key; an HTML page): each byte
+  coloured by its experts per token."""
   means = experts.mean(-1) if experts.shape[-1] else np.zeros(len(tokens))
   top = float(max(means.max(), 1.0))
-  ansi: List[str] = []
+  levels = [top * i / (len(COLOURS) - 1) for i in range(len(COLOURS))]
+  text: List[str] = []
   spans: List[str] = []
   for i, (token, mean) in enumerate(zip(tokens, means)):
     char = decode_bytes([token]).decode('utf-8', 'replace')
     b = _bucket(float(mean), top)
-    ansi.append(COLOURS[b] + (BOLD if i < prompt_len else '') + char + RESET)
+    text.append(COLOURS[b] + (BOLD if i < prompt_len else '') + char + RESET if colour else char)
     title = f'byte {i}: experts per MoE layer {experts[i].tolist()}'
     weight = 'bold' if i < prompt_len else 'normal'
     spans.append(f'<span style="color:{HTML_COLOURS[b]};font-weight:{weight}" '
                  f'title="{html.escape(title)}">{html.escape(char)}</span>')
-  legend = ' '.join(f'<span style="color:{c}">■ {top * i / (len(HTML_COLOURS) - 1):.1f}</span>'
-                    for i, c in enumerate(HTML_COLOURS))
+  key = ('colour key, experts per token (mean over MoE layers): ' +
+         ' '.join(f'{c}{v:.1f}{RESET}' for c, v in zip(COLOURS, levels)) + '; bold: the prompt'
+         if colour else '')
+  legend = ' '.join(f'<span style="color:{c}">■ {v:.1f}</span>'
+                    for c, v in zip(HTML_COLOURS, levels))
   page = ('<!doctype html><meta charset="utf-8"><title>dynmoe_jax sample</title>'
           '<p>Experts per token (mean over MoE layers): ' + legend +
           '. Bold: the prompt. Hover a byte for its per-layer counts.</p>'
           '<pre style="font-size:14px">' + ''.join(spans) + '</pre>')
-  return ''.join(ansi), page
+  return ''.join(text), key, page
 
 
 def main(argv=None):
@@ -139,6 +146,10 @@ def main(argv=None):
   parser.add_argument('--max_new', type=int, default=200)
   parser.add_argument('--temperature', type=float, default=0.8)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--html', default=None,
+                      help='also write the coloured sample, with per-layer counts, to this file')
+  parser.add_argument('--colour', choices=('auto', 'always', 'never'), default='auto',
+                      help='ANSI colours: auto = only when stdout is a terminal')
   args = parser.parse_args(argv)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on read-only checkpoints
@@ -151,14 +162,21 @@ def main(argv=None):
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  text, page = render(tokens, experts, len(prompt))
+  colour = args.colour == 'always' or (args.colour == 'auto' and sys.stdout.isatty())
+  text, key, page = render(tokens, experts, len(prompt), colour)
   print(text)
-  path = os.path.join(args.workdir, 'sample.html')
-  with open(path, 'w') as f:
-    f.write(page)
+  if key:
+    print(key)
   means = experts[experts[:, 0] >= 0].mean(0) if experts.shape[-1] else []
-  print(f'\nexperts per token by MoE layer (mean): {np.round(means, 2).tolist()}; '
-        f'wrote {path}')
+  print(f'\nexperts per token by MoE layer (mean): {np.round(means, 2).tolist()}')
+  if args.html:
+    try:
+      with open(args.html, 'w') as f:
+        f.write(page)
+    except OSError as e:
+      print(f'error: cannot write --html={args.html}: {e.strerror}', file=sys.stderr)
+      return 2
+    print(f'wrote {args.html}')
   return 0
 
 

@@ -132,3 +132,18 @@ def test_expert_choice_capacity_is_not_replanned():
   config.adaptive.compile_lead_steps = 5
   with pytest.raises(config_lib.ConfigError, match="'expert_choice' fixes its own capacity"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize('steps', [40, 7])
+def test_a_short_run_of_the_default_lm_is_told_the_three_cadence_overrides(steps):
+  config = load_config('lm_small')
+  config.num_train_steps = steps
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(config)
+  message = str(info.value)
+  overrides = {}
+  for field in ('every', 'record_steps', 'compile_lead_steps'):
+    assert f'--config.adaptive.{field}=' in message, message
+    overrides[field] = int(message.split(f'--config.adaptive.{field}=')[1].split()[0])
+  config.adaptive.update(overrides)  # the suggestion, applied as given, validates
+  config_lib.validate(config)

@@ -1,5 +1,6 @@
 """dynmoe_jax.main, as a new user meets it: mistakes end in one line and write nothing,
 log lines never land on the progress bar."""
+import os
 import re
 
 import pytest
@@ -27,6 +28,53 @@ def test_config_mistakes_end_in_one_line_and_write_nothing(tmp_path, args, fragm
   proc = run_main(['--config=configs/tiny.py', f'--workdir={workdir}', *args], timeout=180)
   assert_one_line_error(proc, *fragments)
   assert not workdir.exists()
+
+
+def snapshot(directory):
+  """Every path under `directory` with its bytes (None for a directory)."""
+  if not directory.exists():
+    return None
+  return {str(p.relative_to(directory)): (None if p.is_dir() else p.read_bytes())
+          for p in sorted(directory.rglob('*'))}
+
+
+@pytest.mark.parametrize('args,fragments', [
+    (['--config.init_from={tmp}/no_such_run'], ['init_from=', 'holds no checkpoint']),
+    (['--config.model.moe.k=9', '--config.model.moe.router=top_k'], ['config.model.moe.k=9']),
+])
+@pytest.mark.parametrize('existing', [False, True])
+def test_a_refused_run_leaves_its_workdir_as_it_was(tmp_path, args, fragments, existing):
+  workdir = tmp_path / 'run'
+  if existing:  # a directory the user made, with a file of theirs in it
+    workdir.mkdir()
+    (workdir / 'notes.txt').write_text('mine')
+  before = snapshot(workdir)
+  proc = run_main(['--config=configs/tiny.py', f'--workdir={workdir}',
+                   *[a.format(tmp=tmp_path) for a in args]], timeout=180)
+  assert_one_line_error(proc, *fragments)
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('make,fragment', [
+    (lambda p: p.write_text('x'), 'is a file, not a directory'),
+    (lambda p: (p.parent / 'file').write_text('x'), 'cannot be created'),
+])
+def test_a_workdir_that_cannot_hold_a_run_is_one_line(tmp_path, make, fragment):
+  workdir = tmp_path / 'run'
+  make(workdir)
+  target = workdir if workdir.exists() else tmp_path / 'file' / 'run'
+  proc = run_main(['--config=configs/tiny.py', f'--workdir={target}'], timeout=180)
+  assert_one_line_error(proc, fragment)
+
+
+def test_a_read_only_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+  from dynmoe_jax.train import compat
+  # root may write a chmod-555 directory, so the read-only file system is simulated
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda p, mode: False if str(p) == str(tmp_path)
+                      else real_access(p, mode))
+  with pytest.raises(compat.WorkdirError, match='cannot be written: .* read-only'):
+    compat.check_workdir(str(tmp_path / 'run'))
 
 
 def test_a_dataset_that_is_not_prepared_is_one_line_and_leaves_no_workdir(tmp_path):

@@ -46,9 +46,11 @@ def test_generate_is_greedy_at_temperature_zero_and_counts_experts():
     assert out[i] == int(jnp.argmax(full[i - 1].at[0].set(-jnp.inf)))
   with pytest.raises(ValueError, match='exceeds the model'):
     sample.generate(model, params, prompt, 40)
-  text, page = sample.render(out, experts, len(prompt))
+  text, key, page = sample.render(out, experts, len(prompt))
   assert 'def f(' in sample.decode_bytes(out).decode('utf-8', 'replace')
-  assert page.count('<span') >= 16 and '\033[1m' in text
+  assert page.count('<span') >= 16 and '\033[1m' in text and 'colour key' in key
+  plain, key, _ = sample.render(out, experts, len(prompt), colour=False)
+  assert len(plain) == len(out) and '\033' not in plain and not key  # one char a byte
 
 
 def test_generate_routes_with_a_budgets_controls():
@@ -78,8 +80,17 @@ def test_sample_command_on_a_trained_run(tmp_path, capsys, monkeypatch):
   train.Trainer(config, str(tmp_path)).run()
   # a relative --workdir, as the README's command after `make train` passes one
   monkeypatch.chdir(tmp_path.parent)
+  before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
   assert sample.main([f'--workdir={tmp_path.name}', '--prompt=import ', '--max_new=20']) == 0
   out = capsys.readouterr().out
   assert 'experts per token by MoE layer' in out
-  assert os.path.exists(tmp_path / 'sample.html')
+  assert '\033[' not in out  # a pipe gets no colour codes
+  # the run is only read
+  assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+  page = tmp_path.parent / 'sample.html'
+  assert sample.main([f'--workdir={tmp_path.name}', '--max_new=5', f'--html={page}',
+                      '--colour=always']) == 0
+  out = capsys.readouterr().out
+  assert 'colour key, experts per token' in out and '\033[' in out
+  assert page.read_text().startswith('<!doctype html>')
   assert sample.main([f'--workdir={tmp_path / "nothing"}']) == 2

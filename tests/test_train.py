@@ -101,9 +101,11 @@ def test_workdir_of_a_different_model_is_refused(tmp_path, tiny_config):
   tiny_config.num_train_steps = 5
   tiny_config.checkpoint_every = 5
   train.Trainer(tiny_config, str(tmp_path)).run()
+  before = {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
   tiny_config.model.dim = 48
   with pytest.raises(ValueError, match=r"different config \(fields differ: \['model.dim'\]\)"):
     train.Trainer(tiny_config, str(tmp_path)).run()
+  assert {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()} == before
   tiny_config.model.dim = 32
   tiny_config.model.moe.num_experts = 3
   with pytest.raises(ValueError, match=r'experts_per_layer=\[0, 4\]'):
@@ -116,7 +118,11 @@ def test_command_line_overrides_reach_the_model(tmp_path):
                    '--config.model.moe.num_experts=3', '--config.model.moe.k=1',
                    '--config.model.moe_layers=all'])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout[proc.stdout.index('{'):])
+  # one summary line; the whole result is in the workdir
+  assert proc.stdout.strip().splitlines() == [proc.stdout.strip()], proc.stdout
+  assert proc.stdout.startswith('completed at step 2: eval loss ')
+  assert 'experts per layer [3, 3]' in proc.stdout
+  result = json.loads((tmp_path / 'result.json').read_text())
   assert result['experts_per_layer'] == [3, 3]
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['moe']['router'] == 'top_k'

@@ -185,8 +185,14 @@ def test_init_from_errors_name_the_problem(dense_run, tmp_path):
   config.model.dim = 64
   with pytest.raises(upcycle.UpcycleError, match=r'does not fit this one: model.dim \(dense: 32'):
     train.Trainer(config, str(tmp_path / 'b')).run()
+  config = moe_tiny(dense_dir)
+  config.model.moe.glu = True  # found once the fresh model is built
+  with pytest.raises(upcycle.UpcycleError, match='must be ungated'):
+    train.Trainer(config, str(tmp_path / 'd')).run()
   moe_dir = str(tmp_path / 'moe')
   train.Trainer(moe_tiny(dense_dir), moe_dir).run()
   with pytest.raises(upcycle.UpcycleError, match=r'holds an MoE model \(experts per layer'):
     train.Trainer(moe_tiny(moe_dir), str(tmp_path / 'c')).run()
-  assert not os.path.exists(tmp_path / 'b' / 'checkpoints' / '10')
+  for refused in 'abcd':  # nothing written, so the corrected command is not refused
+    assert not os.path.exists(tmp_path / refused)
+  train.Trainer(moe_tiny(dense_dir), str(tmp_path / 'a')).run()

@@ -45,6 +45,25 @@ class RunMismatchError(checkpointing.ModelMismatchError):
   """The workdir holds a run of another config."""
 
 
+class WorkdirError(OSError):
+  """The workdir cannot hold a run: a file, or on a read-only file system."""
+
+
+def check_workdir(workdir: str):
+  """Refuse a workdir the run could not write, before anything is computed."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a directory')
+  ancestor = workdir
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise WorkdirError(f'--workdir={workdir} cannot be created: {ancestor} is a file')
+  # access(2) reports a read-only file system even to root
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise WorkdirError(f'--workdir={workdir} cannot be written: {ancestor} is read-only '
+                       'for this user or on a read-only file system')
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
   out = {}
   for key, value in tree.items():

@@ -50,9 +50,14 @@ class Trainer:
   def __init__(self, config, workdir: str, on_step: Optional[Callable] = None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
+    compat.check_workdir(self.workdir)
     self.layout = Layout(config_lib.validate(config))
-    # Before anything in the workdir is written: is it this run, or a new one?
-    compat.check(compat.saved_config(self.workdir), config, self.workdir)
+    # Nothing is written to the workdir until the state is restored or built (see _loop):
+    # a refused run leaves it as it was. Is it this run, or a new one?
+    saved = compat.saved_config(self.workdir)
+    compat.check(saved, config, self.workdir)
+    if config.init_from and saved is None:
+      upcycle.dense_config(config.init_from, config)  # before the minutes of compiling
     self.is_main = jax.process_index() == 0
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
     self.tx = config_lib.build_optimizer(config)
@@ -73,7 +78,6 @@ class Trainer:
     if self.eval_rows != config.eval_batch_size:
       log.info('eval batches of %d rows (eval_batch_size=%d padded to what the mesh splits; '
                'padding rows are masked out)', self.eval_rows, config.eval_batch_size)
-    os.makedirs(self.workdir, exist_ok=True)
     self.checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
                                                    config.keep_checkpoints)
     self.metrics = metrics_log.MetricsLog(self.workdir, self.is_main)
@@ -214,9 +218,6 @@ class Trainer:
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
         handlers[signum] = signal.signal(signum, self._on_signal)
-    if self.is_main:
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        f.write(self.config.to_json_best_effort(indent=2))
     try:
       return self._loop()
     finally:
@@ -231,6 +232,10 @@ class Trainer:
     checkpoint_every = Every(config.checkpoint_every)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       state = self.restore_or_init()
+      if self.is_main:  # the first write: every refusal has been raised by now
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+          f.write(self.config.to_json_best_effort(indent=2))
       step = int(jax.device_get(state.step))
       # Rows logged after that step (a killed run's tail; all of them for a run killed
       # before its first checkpoint) are redone by this run, not kept twice.

@@ -1,0 +1,46 @@
+"""The README's commands, run as written (at small sizes through overrides appended to
+them), so a reader's copy-paste cannot break unnoticed."""
+import os
+import re
+import shlex
+
+import pytest
+
+from tests.conftest import ROOT, run_main
+
+SHORT = ['--config.num_train_steps=6', '--config.log_every=3', '--config.eval_every=6',
+         '--config.checkpoint_every=6', '--config.eval_batch_size=100',
+         '--config.progress_bar=False']
+
+
+def bash_blocks(path: str):
+  text = open(os.path.join(ROOT, path)).read()
+  return re.findall(r'```bash\n(.*?)```', text, flags=re.S)
+
+
+def make_train_commands(block: str):
+  """`make train CONFIG=... WORKDIR=... ARGS="..."` lines -> (config, workdir, args)."""
+  commands = []
+  for line in block.replace('\\\n', ' ').splitlines():
+    words = shlex.split(line)
+    if words[:2] != ['make', 'train']:
+      continue
+    settings = dict(w.split('=', 1) for w in words[2:])
+    config = settings.get('CONFIG', 'configs/mnist1d_dynmoe.py')
+    workdir = settings.get('WORKDIR', f'workdir/{os.path.basename(config)[:-3]}')
+    commands.append((config, workdir, shlex.split(settings.get('ARGS', ''))))
+  return commands
+
+
+@pytest.mark.slow
+def test_the_readme_upcycling_commands_run(tmp_path):
+  block, = [b for b in bash_blocks('README.md') if 'init_from=workdir/dense' in b]
+  commands = make_train_commands(block)
+  assert len(commands) == 2
+  for config, workdir, args in commands:
+    # the README's relative workdirs, under this test's folder
+    args = [a.replace('=workdir/', f'={tmp_path}/workdir/') for a in args]
+    proc = run_main([f'--config={config}', f'--workdir={tmp_path / workdir}', *args, *SHORT],
+                    timeout=600)
+    assert proc.returncode == 0, (config, args, proc.stderr[-3000:])
+  assert (tmp_path / 'workdir' / 'upcycled' / 'checkpoints' / '6').is_dir()
