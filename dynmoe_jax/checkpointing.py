@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import traceback
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import orbax.checkpoint as ocp
@@ -56,18 +57,23 @@ class Checkpointer:
       except ModelMismatchError:
         raise
       except Exception as e:  # corrupt, truncated or half-copied checkpoint
-        kept = self._set_aside(step)
-        log.warning('checkpoint %s is unreadable (%s: %s); falling back to the previous one. '
-                    'It was moved, not deleted, to %s.', path, type(e).__name__, e, kept)
+        kept = self._set_aside(step, e)
+        # One line: TensorStore's error spells out its whole spec (60 lines); that is
+        # in the moved folder's why_unreadable.txt.
+        log.warning('checkpoint %s is unreadable (%s); moved, not deleted, to %s (the error '
+                    'is in its why_unreadable.txt); trying the step before it',
+                    path, type(e).__name__, kept)
     return None
 
-  def _set_aside(self, step: int) -> str:
+  def _set_aside(self, step: int, error: BaseException) -> str:
     """Move an unreadable step out of the manager's way (the resumed run will save
-    that step again) without deleting anything of the user's."""
+    that step again) without deleting anything of the user's; keep the error beside it."""
     aside = os.path.join(os.path.dirname(self.directory), 'unreadable_checkpoints')
     os.makedirs(aside, exist_ok=True)
     target = os.path.join(aside, f'{step}.{int(time.time())}')
     os.rename(os.path.join(self.directory, str(step)), target)
+    with open(os.path.join(target, 'why_unreadable.txt'), 'w') as f:
+      f.write(''.join(traceback.format_exception(error)))
     self.manager.reload()
     return target
 

@@ -155,8 +155,8 @@ def main(argv=None):
   parser.add_argument('--boundaries', type=int, default=3)
   parser.add_argument('--spare_core', action='store_true',
                       help='training on CPU 0, the compiler on CPU 1 (see the module doc)')
-  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
-                                                     'adaptation_cost'))
+  parser.add_argument('--out', default=common.scratch_out('adaptation_cost'),
+                      help=common.OUT_HELP)
   args = parser.parse_args(argv)
   if args.spare_core and (os.sched_getaffinity(0) != {0} or (os.cpu_count() or 1) < 2):
     parser.error('--spare_core needs 2 CPUs and pins the process before jax starts: run '

@@ -115,7 +115,8 @@ def main():
   parser.add_argument('--planned_max_k', type=int, default=4,
                       help='max_k of the planned-capacity top-any case (0: none, T·E pairs)')
   parser.add_argument('--reps', type=int, default=5)
-  parser.add_argument('--out', default='experiments/results/bench_layer')
+  parser.add_argument('--out', default=common.scratch_out('bench_layer'),
+                      help=common.OUT_HELP)
   args = parser.parse_args()
 
   rng = jax.random.PRNGKey(0)

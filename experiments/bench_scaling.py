@@ -77,8 +77,8 @@ def main(argv=None):
   parser.add_argument('--dim', type=int, default=256)
   parser.add_argument('--hidden', type=int, default=512)
   parser.add_argument('--reps', type=int, default=9)
-  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
-                                                    'bench_scaling'))
+  parser.add_argument('--out', default=common.scratch_out('bench_scaling'),
+                      help=common.OUT_HELP)
   args = parser.parse_args(argv)
   cotangent = jax.random.normal(jax.random.PRNGKey(1), (args.tokens, args.dim))
   small, large = args.experts

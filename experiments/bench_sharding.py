@@ -40,7 +40,8 @@ def main():
   parser.add_argument('--hidden', type=int, default=512)
   parser.add_argument('--experts', type=int, default=8)
   parser.add_argument('--reps', type=int, default=5)
-  parser.add_argument('--out', default='experiments/results/bench_sharding')
+  parser.add_argument('--out', default=common.scratch_out('bench_sharding'),
+                      help=common.OUT_HELP)
   args = parser.parse_args()
 
   n = jax.device_count()

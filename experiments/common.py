@@ -19,6 +19,13 @@ import numpy as np
 from dynmoe_jax import config_lib, names, plots, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_HELP = ('where the table JSON, plots and runs go (default: %(default)s, a scratch folder; '
+            'the committed figures are regenerated with --out experiments/results/...)')
+
+
+def scratch_out(name: str) -> str:
+  """An experiment's default output: never the committed experiments/results/."""
+  return os.path.join(ROOT, 'workdir', 'experiments', name)
 
 
 def load_config(name: str, *args):

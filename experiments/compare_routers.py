@@ -519,8 +519,8 @@ def main(argv=None):
                       help='redraw the PNGs from OUT/results.json, nothing else')
   parser.add_argument('--train_only', action='store_true',
                       help='phase 1 only (the per-run worker of --jobs > 1)')
-  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
-                                                     'compare_routers'))
+  parser.add_argument('--out', default=common.scratch_out('compare_routers'),
+                      help=common.OUT_HELP)
   args = parser.parse_args(argv)
   args.tasks = args.tasks.split(',')
   args.routers = args.routers.split(',')

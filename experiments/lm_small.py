@@ -83,8 +83,8 @@ def summarize(workdir: str, wall_seconds: float) -> Dict[str, Any]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
-                                                    'lm_small'))
+  parser.add_argument('--out', default=common.scratch_out('lm_small'),
+                      help=common.OUT_HELP)
   parser.add_argument('--num_train_steps', type=int, default=None,
                       help="the config's when unset; fewer for a smoke run")
   parser.add_argument('--variants', default=','.join(map(variant_key, VARIANTS)),

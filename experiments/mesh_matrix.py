@@ -96,8 +96,8 @@ def main(argv=None):
   parser.add_argument('--impl', default='sort')
   parser.add_argument('--steps', type=int, default=100)
   parser.add_argument('--devices', default='1,2,4,8')
-  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
-                                                     'mesh_matrix'))
+  parser.add_argument('--out', default=common.scratch_out('mesh_matrix'),
+                      help=common.OUT_HELP)
   args = parser.parse_args(argv)
   if args.evaluate:
     print(json.dumps(evaluate_checkpoint(args.evaluate, args.impl)))

@@ -106,8 +106,8 @@ def main():
                       default='dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,dynmoe_e8_k4,adaptive')
   parser.add_argument('--seeds', default='0', help='comma-separated; seed 0 runs keep '
                       'their old workdir names, others get a _seed<N> suffix')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
-                                                     'mnist1d_experts'))
+  parser.add_argument('--out', default=common.scratch_out('mnist1d_experts'),
+                      help=common.OUT_HELP)
   parser.add_argument('--results_name', default=None,
                       help='JSON file name under --out (default: results.json for seed 0 '
                       'alone, results_seeds.json for several)')

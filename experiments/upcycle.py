@@ -202,8 +202,8 @@ def main(argv=None):
   parser.add_argument('--more_steps', type=int, default=500)
   parser.add_argument('--jobs', type=int, default=2)
   parser.add_argument('--one', default='', help=argparse.SUPPRESS)
-  parser.add_argument('--out', default=os.path.join(common.ROOT, 'experiments', 'results',
-                                                    'upcycle'))
+  parser.add_argument('--out', default=common.scratch_out('upcycle'),
+                      help=common.OUT_HELP)
   args = parser.parse_args(argv)
   args.tasks = args.tasks.split(',')
   args.seeds = [int(s) for s in args.seeds.split(',')]

@@ -102,11 +102,17 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, tiny_conf
   again = train.Trainer(tiny_config, str(workdir))
   with caplog.at_level('WARNING', logger='dynmoe_jax'):
     result = again.run()
-  warning = ' '.join(r.getMessage() for r in caplog.records)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 1, warnings
+  warning, = warnings
   assert f'{workdir}/checkpoints/20 is unreadable' in warning
   assert 'moved, not deleted' in warning
+  # one line; TensorStore's 60-line error is kept beside the moved checkpoint
+  assert '\n' not in warning and len(warning) < 400, warning
   kept = os.listdir(workdir / 'unreadable_checkpoints')
   assert len(kept) == 1 and kept[0].startswith('20.')
+  why = (workdir / 'unreadable_checkpoints' / kept[0] / 'why_unreadable.txt').read_text()
+  assert 'Traceback' in why and 'TensorStore' in why
   assert result['step'] == 20
   chex.assert_trees_all_equal(jax.device_get(reference.state), jax.device_get(again.state))
 
