@@ -35,6 +35,26 @@ def step_edges(steps: List[int], first_start: int = 0) -> np.ndarray:
   return np.asarray([first_start] + list(steps), np.float64)
 
 
+def experts_per_layer(train: List[Dict], adaptation: List[Dict]) -> Dict[str, List]:
+  """{layer: [(step, experts), ...]} from step 0 to the last step, changing at the steps
+  adaptation.jsonl records; {} when no boundary resized a layer (capacity re-plans alone
+  change no count). Read from adaptation.jsonl, not the train rows: a row logged at a
+  boundary step was computed before the resize, so its count is one window late."""
+  resizes = [e for e in adaptation if e['experts_after'] != e['experts_before']]
+  if not resizes:
+    return {}
+  last_step = max([r['step'] for r in train] + [e['step'] for e in resizes])
+  out = {}
+  for layer in names.moe_layers_in(train):
+    load = names.metric_key(layer, 'expert_load')
+    changes = sorted((e['step'], e['experts_before'], e['experts_after'])
+                     for e in resizes if e['layer'] == layer)
+    start = changes[0][1] if changes else next(len(r[load]) for r in train if load in r)
+    pts = [(0, start)] + [(step, after) for step, _, after in changes]
+    out[layer] = pts + [(last_step, pts[-1][1])]
+  return out
+
+
 def write_plots(workdir: str) -> List[str]:
   import matplotlib
   matplotlib.use('Agg')
@@ -69,28 +89,36 @@ def write_plots(workdir: str) -> List[str]:
 
   layers = names.moe_layers_in(train)
   if layers:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    # Training counts a token's experts under the training-mode router (top-any without
+    # its fallback lets a token take none); evaluation under the eval-mode one (at least
+    # one each). Two panels, so neither hides the other; distinct styles per layer, so
+    # layers whose lines coincide stay visible.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True, sharey=True)
     for i, layer in enumerate(layers):
       key = names.metric_key(layer, 'active_experts')
-      pts = [(r['step'], r[key]) for r in train if key in r]
-      line, = ax.plot(*zip(*pts), label=f'{layer} (training: mean of the log window)')
-      evals_pts = [(r['step'], r[key]) for r in evals if key in r]
-      if evals_pts:
-        ax.plot(*zip(*evals_pts), ls='none', marker='o', color=line.get_color(),
-                label=f'{layer} (evaluation)')
-      load = names.metric_key(layer, 'expert_load')
-      counts = [(r['step'], len(r[load])) for r in train if load in r]
-      ax.plot(*zip(*counts), ls=':', color=line.get_color(), label=f'{layer} experts')
-    ax.set_xlabel('step')
-    ax.set_ylabel('experts per token')
-    ax.set_title('active experts per token (training and evaluation modes)', fontsize=9)
-    ax.legend(fontsize=7)
+      style = _STYLES[i % len(_STYLES)]
+      for ax, series in zip(axes, (train, evals)):
+        pts = [(r['step'], r[key]) for r in series if key in r]
+        if pts:
+          ax.plot(*zip(*pts), label=layer, markersize=4, **style)
+    axes[0].set_title('training mode (mean over each log window)', fontsize=9)
+    axes[1].set_title('evaluation mode (eval split)', fontsize=9)
+    axes[0].set_ylabel('experts per token')
+    for ax in axes:
+      ax.set_xlabel('step')
+      if ax.lines:
+        ax.legend(fontsize=7)
     save(fig, 'active_experts.png')
 
+    # One colour scale for every layer's panel, so equal shades mean equal loads.
+    loads = {layer: [r for r in train if names.metric_key(layer, 'expert_load') in r]
+             for layer in layers}
+    top = max(max(max(r[names.metric_key(layer, 'expert_load')]) for r in rows_)
+              for layer, rows_ in loads.items())
     fig, axes = plt.subplots(1, len(layers), figsize=(4.8 * len(layers), 3.8), squeeze=False)
     for ax, layer in zip(axes[0], layers):
       load = names.metric_key(layer, 'expert_load')
-      with_load = [r for r in train if load in r]
+      with_load = loads[layer]
       width = max(len(r[load]) for r in with_load)
       grid = np.full((width, len(with_load)), np.nan)
       for i, r in enumerate(with_load):
@@ -98,7 +126,7 @@ def write_plots(workdir: str) -> List[str]:
       x_edges = step_edges([r['step'] for r in with_load])
       y_edges = np.arange(width + 1) - 0.5
       mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap='viridis',
-                           shading='flat')
+                           shading='flat', vmin=0.0, vmax=max(top, 1e-9))
       ax.set_title(f'{layer} expert load (training)')
       ax.set_xlabel('step')
       ax.set_ylabel('expert')
@@ -106,21 +134,14 @@ def write_plots(workdir: str) -> List[str]:
       fig.colorbar(mesh, ax=ax, fraction=0.046, label='share of routed pairs')
     save(fig, 'expert_load.png')
 
-  adaptation = read_jsonl(os.path.join(workdir, 'adaptation.jsonl'))
-  if adaptation and layers:
+  series = experts_per_layer(train, read_jsonl(os.path.join(workdir, 'adaptation.jsonl')))
+  if series:
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for i, layer in enumerate(layers):
-      load = names.metric_key(layer, 'expert_load')
-      pts = [(0, len(train[0][load]))] + [(r['step'], len(r[load])) for r in train if load in r]
-      boundaries = {e['step'] for e in adaptation if e['layer'] == layer}
-      marks = [j for j, (step, _) in enumerate(pts) if step in boundaries]
+    for i, (layer, pts) in enumerate(series.items()):
       style = dict(_STYLES[i % len(_STYLES)])
-      if marks:
-        style['markevery'] = marks
-      else:
-        style['marker'] = None
+      style['markevery'] = list(range(1, len(pts) - 1))  # the resizes, not the ends
       ax.step(*zip(*pts), where='post', label=layer, **style)
-    ax.set_xlabel('step (markers: boundaries that changed the layer)')
+    ax.set_xlabel('step (markers: boundaries that resized the layer)')
     ax.set_ylabel('experts')
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
