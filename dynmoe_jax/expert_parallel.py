@@ -33,7 +33,9 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
     expert_params: arrays with the expert axis first, e.g. (wi, wo).
     capacity_fn(local_tokens) -> C (Python int).
   Returns: y [T, D], num_routed, num_dropped (global counts), and the expert-FFN rows
-  computed over all shards and the capacity of each shard's buffers (Python ints).
+  computed over all shards and the slots per expert over all shards, each of the token
+  shards holding capacity_fn(local_tokens) of them (Python ints; the global figure is
+  what the other paths report for the same batch).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or 'expert' not in mesh.shape:
@@ -76,4 +78,4 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
                 *[expert_spec(p) for p in expert_params]),
       out_specs=(token_spec, P()))(tokens, mask, weights,
                                    priority if has_priority else jnp.zeros(()), *expert_params)
-  return y, counts[0], counts[1], shards * padded_experts * capacity, capacity
+  return y, counts[0], counts[1], shards * padded_experts * capacity, shards * capacity

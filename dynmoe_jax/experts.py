@@ -89,7 +89,8 @@ class Computed:
   num_routed: jax.Array  # int32, routed (token, expert) pairs
   num_dropped: jax.Array  # int32, pairs that got no slot
   rows: int              # expert-FFN rows computed, padding included (static)
-  capacity: int = 0      # slots per expert (0: a path without capacity)
+  capacity: int = 0      # slots per expert over the whole batch, all token shards
+  #                        together (0: a path without capacity)
 
 
 def _capacity_path(impl: str):

@@ -9,6 +9,7 @@ A mistake of the user's (a bad config file, field or value, a dataset that is no
 prepared, a workdir that holds another run) ends with one line on stderr and exit
 code 2, before anything is written.
 """
+import ast
 import json
 import logging
 import os
@@ -35,6 +36,12 @@ _CPU_COLLECTIVES = flags.DEFINE_string('cpu_collectives', None,
 
 def one_line(error: BaseException) -> str:
   text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+  # ml_collections puts the repr of its message in a KeyError's message: unwrap it
+  while len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
   return ' '.join(text.replace('\\n', ' ').split())
 
 

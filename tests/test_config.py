@@ -35,7 +35,7 @@ BAD_CONFIGS = [
     ('model.moe.max_k', 7, 'config.model.moe.max_k=7 is invalid: must be in [1, 4]'),
     ('model.moe.activation', 'tanhh', "config.model.moe.activation='tanhh'"),
     ('model.moe.num_experts_per_layer', (4, 4, 4),
-     'model.moe.num_experts lists 3 counts for 1 MoE layers [1]'),
+     'model.moe.num_experts_per_layer=[4, 4, 4] lists 3 counts for 1 MoE layers [1]'),
     ('model.moe_layer_indices', (0, 5), 'model.moe_layers has indices [5] outside [0, 2)'),
     ('model.moe_layers', 'odd', "config.model: model.moe_layers='odd'"),
     ('model.moe.load_balance_weight', -0.1, 'config.model.moe.load_balance_weight=-0.1'),

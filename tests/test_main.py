@@ -17,7 +17,8 @@ def assert_one_line_error(proc, *fragments):
 
 
 @pytest.mark.parametrize('args,fragments', [
-    (['--config.model.moe.num_expert=4'], ['num_expert', 'num_experts']),
+    # the message as written, not its repr (no escaped quotes)
+    (['--config.model.moe.num_expert=4'], ["('num_expert' Did you mean \"num_experts\""]),
     (['--config=configs/does_not_exist.py'], ['configs/does_not_exist.py']),
     (['--config.model.moe.k=9', '--config.model.moe.router=top_k'],
      ['config.model.moe.k=9']),

@@ -271,8 +271,9 @@ def experts_per_layer(num_layers: int, moe_layers, num_experts) -> Tuple[int, ..
   else:
     counts = [int(n) for n in num_experts]
     if len(counts) != len(indices):
-      raise ValueError(f'model.moe.num_experts lists {len(counts)} counts for {len(indices)} MoE '
-                       f'layers {indices}')
+      raise ValueError(f'model.moe.num_experts_per_layer={counts} lists {len(counts)} counts '
+                       f'for {len(indices)} MoE layers {indices} (model.moe_layers='
+                       f'{moe_layers!r}): give one count per MoE layer')
   layout = [0] * num_layers
   for i, n in zip(indices, counts):
     layout[i] = n
