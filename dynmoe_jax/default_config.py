@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.budget_error_unit = optional(float, 0.1)
   # H: act on the count H steps ahead at its smoothed trend (a proportional term that stops
   # the price winding up while the count already falls); 0 or None: on this step's count.
-  # Both 0: the first controller, as the README's earlier budget figures were measured.
+  # Both 0: the first controller, as the earlier budget figures of docs/results.md were measured.
   c.model.moe.budget_horizon = optional(float, 20.0)
   c.model.moe.z_loss_weight = 1e-3
   c.model.moe.entropy_weight = 1e-4

@@ -41,7 +41,7 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
 
 
 # The compute budget's first controller (ReMoE's rule, one budget_rate step per update),
-# which the README's earlier budget figures were measured with; the default is newer.
+# which the earlier budget figures of docs/results.md were measured with; the default is newer.
 FIRST_BUDGET_CONTROLLER = {'model.moe.budget_error_unit': None,
                            'model.moe.budget_horizon': None}
 

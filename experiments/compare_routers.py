@@ -13,7 +13,7 @@ Phases, all in one command (a rerun skips finished runs and redoes the rest):
      first examples of the training split (what a compute budget holds);
   4. a markdown table per task, OUT/results.json and PNG plots.
 
-  python experiments/compare_routers.py                    # README numbers (2-core CPU, ~60 min)
+  python experiments/compare_routers.py                    # docs/results.md numbers (2-core CPU, ~60 min)
   python experiments/compare_routers.py --preset full      # GPU/TPU size
   python experiments/compare_routers.py --tasks mnist1d --routers dense,top2,dynmoe --seeds 0
 """
@@ -141,7 +141,7 @@ def router_variants() -> Dict[str, Callable]:
     a.enabled = True
     a.every = max(1, c.num_train_steps // 5)  # four boundaries
     a.record_steps = max(1, a.every // 5)
-    a.compile_lead_steps = 0  # the README table was measured with the window at the boundary
+    a.compile_lead_steps = 0  # the docs/results.md table was measured with the window at the boundary
     a.min_experts, a.max_experts = 1, 16
 
   def replanned(base):

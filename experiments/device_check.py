@@ -116,9 +116,15 @@ def lm_rows(sizes, batch: int, attention: str, smoke: bool):
       state, metrics, _ = train(state, {'inputs': batch_bytes})
     jax.block_until_ready(state)
     step_seconds = (time.perf_counter() - start) / sizes['lm_steps']
+    # What the dry run estimated from the CPU compiler, from this chip's own: its compiler's
+    # temporaries and the allocator's peak so far (None where the backend keeps no stats).
+    memory = train.memory_analysis()
+    stats = jax.devices()[0].memory_stats() or {}
     rows.append({'name': f'lm_base/{name}', 'seconds': step_seconds, 'flops': counted,
                  'tflops': counted / step_seconds / 1e12,
-                 'tokens_per_second': batch * config.data.seq_len / step_seconds})
+                 'tokens_per_second': batch * config.data.seq_len / step_seconds,
+                 'compiled_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
+                 'device_peak_bytes': stats.get('peak_bytes_in_use')})
   return rows
 
 

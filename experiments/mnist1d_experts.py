@@ -8,7 +8,7 @@ checkpoints, plots) under --out; a rerun resumes or skips finished runs.
   python experiments/mnist1d_experts.py          # seed 0, all runs, plots (~45 min on 2 CPU cores)
   python experiments/mnist1d_experts.py --steps 200 --runs dense,adaptive   # quick look
   python experiments/mnist1d_experts.py --runs dense,dynmoe_e2,dynmoe_e4,dynmoe_e8,adaptive \
-      --seeds 0,1,2                                # the README table (seeds 1, 2: ~1.5 h more)
+      --seeds 0,1,2                                # the docs/results.md table (seeds 1, 2: ~1.5 h more)
   python experiments/mnist1d_experts.py --runs default_job,dense_w96 --seeds 0,1,2 \
       --results_name results_default_job.json      # the default job vs dense at its width
 """
@@ -50,7 +50,7 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   e8_k4 = dynmoe(8)
   e8_k4.model.moe.expected_k = 4.0
   # the budget's first controller (ReMoE's rule: one budget_rate step per update), as the
-  # README's table measured it
+  # docs/results.md's table measured it
   budget = common.apply_overrides(dynmoe(4), common.FIRST_BUDGET_CONTROLLER)
   budget.model.moe.target_experts_per_token = 1.5
   budget_two_sided = common.apply_overrides(dynmoe(4), common.FIRST_BUDGET_CONTROLLER)

@@ -13,7 +13,7 @@ Also checked on every upcycled run: its step-0 eval loss against the dense model
 eval loss (equal to 1e-4 for top-k with renormalised weights and for top-any in
 evaluation mode; see dynmoe_jax/upcycle.py for why).
 
-  python experiments/upcycle.py                       # README numbers (2-core CPU)
+  python experiments/upcycle.py                       # docs/results.md numbers (2-core CPU)
   python experiments/upcycle.py --tasks mnist1d --seeds 0 --dense_steps 50 --more_steps 50
 """
 from __future__ import annotations

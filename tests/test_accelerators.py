@@ -107,3 +107,11 @@ def test_dry_run_of_lm_small_with_ragged_on_v5e_fits_and_names_megablox():
                'roofline on TPU v5e', 'MFU'):
     assert part in out, part
   assert 'grouped-matmul kernel in the lowered step: megablox gmm/tgmm' in out
+
+
+@pytest.mark.slow
+def test_lm_tpu_as_shipped_fits_a_v5e_8_and_its_old_batch_does_not():
+  proc = run_main(['--config=configs/lm_tpu.py', '--dry_run', '--target=v5e-8'], timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "on 8 x TPU v5e (mesh {'data': 1, 'expert': 8, 'model': 1})" in proc.stdout
+  assert 'of   16.000 GB HBM: fits' in proc.stdout

@@ -138,5 +138,6 @@ def test_device_check_smoke_writes_its_table_json_and_plot(tmp_path):
   assert [r['name'] for r in result['lm']] == ['lm_base/top2', 'lm_base/top_any_b1.5']
   assert all(r['tflops'] > 0 and r['seconds'] > 0 for r in result['expert_ffn'] + result['lm'])
   assert result['lm'][0]['step_time_vs_top2'] == 1.0
+  assert all(r['compiled_temp_bytes'] > 0 for r in result['lm'])  # the compiler's own estimate
   assert (tmp_path / 'results.png').stat().st_size > 0
   assert '| lm_base/top_any_b1.5 |' in (tmp_path / 'results.md').read_text()

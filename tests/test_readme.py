@@ -1,8 +1,10 @@
-"""The README's commands, run as written (at small sizes through overrides appended to
-them), so a reader's copy-paste cannot break unnoticed."""
+"""The documentation's commands and code, run as written (commands at small sizes through
+overrides appended to them), so a reader's copy-paste cannot break unnoticed."""
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -13,9 +15,17 @@ SHORT = ['--config.num_train_steps=6', '--config.log_every=3', '--config.eval_ev
          '--config.progress_bar=False']
 
 
-def bash_blocks(path: str):
+def code_blocks(path: str, language: str):
   text = open(os.path.join(ROOT, path)).read()
-  return re.findall(r'```bash\n(.*?)```', text, flags=re.S)
+  return re.findall(rf'```{language}\n(.*?)```', text, flags=re.S)
+
+
+def test_the_readme_python_example_runs(tmp_path):
+  block, = code_blocks('README.md', 'python')
+  proc = subprocess.run([sys.executable, '-c', block], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith('loss ') and 'experts per token' in proc.stdout
 
 
 def make_train_commands(block: str):
@@ -33,12 +43,12 @@ def make_train_commands(block: str):
 
 
 @pytest.mark.slow
-def test_the_readme_upcycling_commands_run(tmp_path):
-  block, = [b for b in bash_blocks('README.md') if 'init_from=workdir/dense' in b]
+def test_the_manuals_upcycling_commands_run(tmp_path):
+  block, = [b for b in code_blocks('docs/guide.md', 'bash') if 'init_from=workdir/dense' in b]
   commands = make_train_commands(block)
   assert len(commands) == 2
   for config, workdir, args in commands:
-    # the README's relative workdirs, under this test's folder
+    # the manual's relative workdirs, under this test's folder
     args = [a.replace('=workdir/', f'={tmp_path}/workdir/') for a in args]
     proc = run_main([f'--config={config}', f'--workdir={tmp_path / workdir}', *args, *SHORT],
                     timeout=600)
