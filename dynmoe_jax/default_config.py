@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.priority = 'score'
   c.model.moe.activation = 'gelu'
   c.model.moe.glu = False
-  c.model.moe.normalize_top_k = True
+  c.model.moe.normalize_top_k = placeholder(bool)  # None: for k >= 2 only (k = 1: Switch's raw p)
   c.model.moe.top_any_scale = 1.0         # temperature (its initial value when learned)
   c.model.moe.top_any_learned_scale = False  # True: learned in log space (reference: init 10)
   c.model.moe.top_any_max_scale = 100.0      # cap of a learned temperature

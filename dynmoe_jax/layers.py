@@ -87,7 +87,8 @@ class MoE(nn.Module):
     activation: key of ACTIVATIONS. glu: gated FFN act(x·wi) * (x·wi_gate).
     dtype: compute dtype of the expert FFNs (routing is at least float32).
     param_dtype: parameter dtype.
-    normalize_top_k: renormalise top-k weights to sum to 1.
+    normalize_top_k: renormalise top-k weights to sum to 1; None: only for k >= 2 (at k = 1
+      the raw probability, as Switch: see routing.top_k).
     top_any_scale: temperature of top-any's cosine scores and thresholds (it changes the
       gradients, not which experts are active); with `top_any_learned_scale` its initial
       value, learned in log space and capped at `top_any_max_scale` (the reference's
@@ -129,7 +130,7 @@ class MoE(nn.Module):
   glu: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  normalize_top_k: bool = True
+  normalize_top_k: Optional[bool] = None
   top_any_scale: float = 1.0
   top_any_learned_scale: bool = False
   top_any_max_scale: float = 100.0

@@ -85,13 +85,16 @@ def _mask_from_indices(indices: jax.Array, valid: jax.Array, num_experts: int) -
   return one_hot.any(axis=-2)
 
 
-def top_k(logits: jax.Array, k: int, *, normalize: bool = True) -> RouterOutput:
+def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None) -> RouterOutput:
   """Switch (k=1) / GShard (k=2) routing: softmax, then the k most probable experts.
 
   Args:
     logits: [T, E] router logits.
     k: experts per token, 1 <= k <= E (a Python int).
-    normalize: renormalise the kept probabilities to sum to 1 per token.
+    normalize: renormalise the kept probabilities to sum to 1 per token. None (default):
+      only for k >= 2, as Mixtral and MaxText do; at k = 1 the weight is the raw
+      probability, as in Switch, because a renormalised single weight is p / p = 1 and
+      sends the router almost no gradient from the task.
   """
   logits = _check_logits(logits)
   num_experts = logits.shape[-1]
@@ -101,7 +104,7 @@ def top_k(logits: jax.Array, k: int, *, normalize: bool = True) -> RouterOutput:
   top_probs, top_idx = jax.lax.top_k(probs, k)
   mask = _mask_from_indices(top_idx, jnp.ones_like(top_idx, jnp.bool_), num_experts)
   weights = probs
-  if normalize:
+  if (k >= 2) if normalize is None else normalize:
     weights = probs / (top_probs.sum(axis=-1, keepdims=True) + _EPS)
   return _output(mask, weights, probs)
 
@@ -221,8 +224,10 @@ def importance_to_k(importance: jax.Array, max_k: int) -> jax.Array:
 def adaptive_k(logits: jax.Array, k_per_token: jax.Array, max_k: int) -> RouterOutput:
   """DA-MoE (arXiv 2409.06669): token t takes its top K_t experts, 1 <= K_t <= max_k.
 
-  Weights are the softmax probabilities renormalised over the chosen experts.
-  The paper ships no code; this follows its description (docs/design.md).
+  Weights are the softmax probabilities renormalised over the chosen experts, except
+  for a token with K_t = 1, which keeps its raw probability (Switch): renormalised, its
+  one weight would be p / p = 1 and send the router no task gradient. The paper ships no
+  code; this follows its description (docs/design.md).
 
   Args:
     logits: [T, E].
@@ -240,7 +245,8 @@ def adaptive_k(logits: jax.Array, k_per_token: jax.Array, max_k: int) -> RouterO
   keep = jnp.arange(max_k)[None, :] < k_per_token[:, None]
   mask = _mask_from_indices(top_idx, keep, num_experts)
   kept_mass = jnp.where(keep, top_probs, 0.0).sum(axis=-1, keepdims=True)
-  return _output(mask, probs / (kept_mass + _EPS), probs)
+  denominator = jnp.where(k_per_token[:, None] == 1, 1.0, kept_mass + _EPS)
+  return _output(mask, probs / denominator, probs)
 
 
 def expert_choice(logits: jax.Array, capacity: int) -> RouterOutput:

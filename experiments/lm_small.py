@@ -87,6 +87,8 @@ def main(argv=None):
                       help=common.OUT_HELP)
   parser.add_argument('--num_train_steps', type=int, default=None,
                       help="the config's when unset; fewer for a smoke run")
+  parser.add_argument('--eval_split', default=None,
+                      help="the config's when unset (test[:2048]); a slice for a smoke run")
   parser.add_argument('--variants', default=','.join(map(variant_key, VARIANTS)),
                       help='comma-separated first words of the variants to run and tabulate')
   args = parser.parse_args(argv)
@@ -107,6 +109,8 @@ def main(argv=None):
         config.num_train_steps = config.eval_every = args.num_train_steps
         config.checkpoint_every = config.log_every = args.num_train_steps
         config.adaptive.capacity = False
+      if args.eval_split:
+        config.data.eval_split = args.eval_split
       start = time.perf_counter()
       train.Trainer(config, workdir).run()
       common.save_json(summary_path, summarize(workdir, time.perf_counter() - start))

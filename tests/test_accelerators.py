@@ -14,7 +14,9 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs')) if f.
 PLATFORMS, STEPS = ('tpu', 'cuda'), ('train', 'eval')
 
 
-@pytest.fixture(scope='module')
+# Session scope: a module-scoped fixture is torn down whenever an xdist worker runs a test of
+# another module in between, and was computed twice per session that way.
+@pytest.fixture(scope='session')
 def lowered(tmp_path_factory):
   out = tmp_path_factory.mktemp('accelerators') / 'result.json'
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'accelerator_worker.py'),

@@ -12,7 +12,7 @@ from tests.conftest import ROOT, run_main
 
 SHORT = ['--config.num_train_steps=6', '--config.log_every=3', '--config.eval_every=6',
          '--config.checkpoint_every=6', '--config.eval_batch_size=100',
-         '--config.progress_bar=False']
+         '--config.progress_bar=False', '--config.model.num_layers=2']
 
 
 def code_blocks(path: str, language: str):

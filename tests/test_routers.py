@@ -97,3 +97,64 @@ def test_no_module_outside_the_registry_switches_on_a_router_name():
         if ROUTER_NAME.search(line) or re.search(r"\brouter\s*(==|!=)", line):
           offenders.append(f'{os.path.relpath(path, ROOT)}:{number}: {line.strip()}')
   assert not offenders, '\n'.join(offenders)
+
+
+def task_gradients(moe, x, importance=None, params=None):
+  """Gradients of a task loss alone (every auxiliary loss weighted 0) w.r.t. the params."""
+  if params is None:
+    params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
+                           ['params'])
+  target = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+
+  def loss(p):
+    y, _ = moe.apply({'params': p}, x, training=True, token_importance=importance)
+    return jnp.sum(y * target)
+  return params, jax.grad(loss)(params)
+
+
+def norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(tree))))
+
+
+NO_AUX = dict(load_balance_weight=0.0, z_loss_weight=0.0, entropy_weight=0.0,
+              diversity_weight=0.0, simplicity_weight=0.0, efficiency_weight=0.0)
+# Settings under which every token gets a single expert, for each router that can give one.
+SINGLE_EXPERT = {
+    'top_k': dict(k=1),
+    'top_p': dict(p=1e-3),
+    'adaptive_k': dict(k=1, max_k=1),
+    'top_any': dict(top_any_train_fallback=True),  # thresholds set so that none passes
+}
+
+
+def test_top_1_trains_its_router_from_the_task_as_switch_does():
+  # Switch multiplies by the raw probability: renormalising one expert's weight gives
+  # p / p = 1 and the router almost no task gradient.
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, D))  # T=48, E=4
+  default = layers.MoE(num_experts=E, hidden_dim=F, router='top_k', k=1, capacity_factor=8.0,
+                       **NO_AUX)
+  params, raw = task_gradients(default.clone(normalize_top_k=False), x)
+  _, default = task_gradients(default, x, params=params)
+  raw_norm, default_norm = norm(raw['router_kernel']), norm(default['router_kernel'])
+  assert raw_norm > 1.0
+  assert default_norm > raw_norm / 10, (default_norm, raw_norm)
+
+
+@pytest.mark.parametrize('router', sorted(SINGLE_EXPERT))
+def test_a_token_given_one_expert_still_sends_the_task_gradient_to_its_router(router):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, D))
+  spec = routers.get(router)
+  importance = jnp.zeros((3, 16)) if spec.needs_token_importance else None
+  moe = layers.MoE(num_experts=E, hidden_dim=F, router=router, capacity_factor=8.0,
+                   **{**NO_AUX, **SINGLE_EXPERT[router]})
+  params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
+                         ['params'])
+  if router == 'top_any':
+    params = {**params, 'thresholds': jnp.full((E,), 5.0)}
+  y, aux = moe.apply({'params': params}, x, training=True, token_importance=importance)
+  assert float(aux.metrics['active_experts']) == 1.0, router
+  _, grads = task_gradients(moe, x, importance, params)
+  router_norm = norm({k: grads[k] for k in spec.router_params if k in grads})
+  expert_norm = norm({k: grads[k] for k in ('wi', 'wo')})
+  # measured with renormalised single-expert weights: 1e-5 of the experts' gradient
+  assert router_norm > 1e-2 * expert_norm, (router, router_norm, expert_norm)

@@ -62,7 +62,8 @@ def np_adaptive_k(logits, k_per_token, max_k):
   for t in range(probs.shape[0]):
     mask[t, np.argsort(-probs[t], kind='stable')[:min(max(k_per_token[t], 1), max_k)]] = True
   weights = np.where(mask, probs, 0.0)
-  return mask, weights / weights.sum(-1, keepdims=True)
+  single = mask.sum(-1, keepdims=True) == 1  # one expert: its raw probability (Switch)
+  return mask, np.where(single, weights, weights / weights.sum(-1, keepdims=True))
 
 
 def np_expert_choice(logits, capacity):

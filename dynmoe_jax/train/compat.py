@@ -78,6 +78,14 @@ def _resumable(field: str) -> bool:
   return any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_FIELDS)
 
 
+# Fields whose None means a rule on other fields: compared by what they resolve to, so a
+# run saved with the value the rule gives resumes under the rule.
+NONE_MEANS = {
+    # runs before the Switch default saved True for every k
+    'model.moe.normalize_top_k': lambda flat: flat.get('model.moe.k', 1) >= 2,
+}
+
+
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]
                 ) -> List[Tuple[str, Any, Any]]:
   """(field, saved value, current value) for each leaf that differs and may not."""
@@ -85,6 +93,8 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]
 
   def value(config, key):
     v = config.get(key, ABSENT_MEANS.get(key, '<absent>'))
+    if v is None and key in NONE_MEANS:
+      return NONE_MEANS[key](config)
     return None if key in config_lib.ZERO_MEANS_OFF and v == 0 else v
 
   return [(k, a.get(k, '<absent>'), b.get(k, '<absent>'))
