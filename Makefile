@@ -23,11 +23,13 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VPY) -m dynmoe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
-# Two workers: most tests are single-threaded compiles, and CI has 2 cores. loadgroup keeps
-# tests that share an expensive module fixture on one worker.
+# Two workers: most tests are single-threaded compiles, and CI has 2 cores. loadfile keeps a
+# file's tests on one worker, so a fixture they share (an 8-device export run, a reference
+# training run) is computed once. (xdist_group/loadgroup would be finer, but pytest-xdist
+# 3.8 cannot rename node ids under pytest 9.2, so its groups are silently ignored.)
 # pytest exits 5 when it collects no test; that must fail, and it does because make propagates it.
 PYTEST_WORKERS ?= 2
-PYTEST := $(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST := $(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 test: $(STAMP)
 	$(PYTEST) --durations=15 tests
 

@@ -177,12 +177,21 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
   one_of('model.moe.ragged_backend', moe.ragged_backend, layers.RAGGED_BACKENDS)
   one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
-  one_of('model.moe.priority', moe.priority, layers.PRIORITIES)
+  one_of('model.moe.priority', moe.priority, (None,) + layers.PRIORITIES)
   positive_int('model.moe.hidden_dim', moe.hidden_dim)
   positive_int('model.moe.k', moe.k)
   positive_float('model.moe.capacity_factor', moe.capacity_factor)
   positive_float('model.moe.eval_capacity_factor', moe.eval_capacity_factor)
   positive_int('model.moe.capacity_multiple_of', moe.capacity_multiple_of)
+  if moe.capacity is not None:
+    positive_int('model.moe.capacity', moe.capacity)
+  if moe.group_size is not None:
+    positive_int('model.moe.group_size', moe.group_size)
+  if (m.task == 'lm' and routers.get(moe.router).routes_across_tokens and
+      not m.noncausal_routing):
+    _fail('model.moe.router', moe.router, "lets a token's experts depend on later tokens of "
+          'its routing group in a causal LM (each expert takes its top tokens over the '
+          'group); set model.noncausal_routing=True to accept that')
   if not (isinstance(moe.p, (int, float)) and 0.0 < moe.p <= 1.0):
     _fail('model.moe.p', moe.p, 'must be in (0, 1]')
   if moe.expected_k is not None:
@@ -225,6 +234,9 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
 
   a = config.adaptive
+  if a.capacity and moe.capacity is not None:
+    _fail('adaptive.capacity', True, f're-plans the slots per expert that '
+          f'model.moe.capacity={moe.capacity} fixes: set one')
   if a.enabled or a.capacity:
     positive_int('adaptive.every', a.every)
     positive_int('adaptive.record_steps', a.record_steps)

@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.shared_expert = False
   c.model.remat = 'none'               # none | full | dots
   c.model.attention_impl = placeholder(str)  # xla | cudnn | None: JAX picks
+  # Expert choice picks each expert's tokens over a whole routing group, later tokens
+  # included: an LM must opt in to that leak of the future.
+  c.model.noncausal_routing = False
   c.model.moe_layers = 'every_other'   # all | every_other | none
   c.model.moe_layer_indices = ()       # explicit block indices; overrides moe_layers
 
@@ -85,11 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.capacity_factor = 2.0
   c.model.moe.eval_capacity_factor = 4.0
   c.model.moe.capacity_multiple_of = 8
+  c.model.moe.capacity = placeholder(int)  # slots per expert, as given: overrides the factors
+  c.model.moe.group_size = placeholder(int)  # tokens per routing group; None: one per call
   c.model.moe.dispatch_impl = 'sort'   # sort | einsum | ragged | shard_map_a2a | all_experts_reference
   # ragged's grouped matmul: auto (megablox on TPU, Pallas Triton on GPU, XLA elsewhere) |
   # xla | megablox | pallas_triton | tokamax
   c.model.moe.ragged_backend = 'auto'
-  c.model.moe.priority = 'score'
+  c.model.moe.priority = placeholder(str)  # None: the router's (top_k: gshard, others: score)
   c.model.moe.activation = 'gelu'
   c.model.moe.glu = False
   c.model.moe.normalize_top_k = placeholder(bool)  # None: for k >= 2 only (k = 1: Switch's raw p)

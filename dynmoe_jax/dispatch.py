@@ -14,14 +14,15 @@ Three implementations:
 
 Pairs beyond an expert's capacity are dropped and always counted: every state
 carries `dropped` bool[T, E] and `num_dropped`, never a silent loss.
-Priority: by default lower token index first; pass `priority` float[T, E]
-(e.g. router scores) to keep the most confident pairs. Ties go to the lower
+Priority: by default lower token index first; pass `priority` [T, E] (router scores to
+keep the most confident pairs, or routing.choice_priority's int32 orders). Ties go to the lower
 token index in every implementation, so 'sort' and 'einsum' drop the same pairs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import chex
 import flax.struct
@@ -168,6 +169,11 @@ def _routed_pairs(mask: jax.Array, max_k: Optional[int]):
   return ids.astype(jnp.int32), k
 
 
+def _priority_values(priority: jax.Array) -> jax.Array:
+  # integer priorities (routing.choice_priority) stay integers: exact past 2**24 pairs
+  return priority if jnp.issubdtype(priority.dtype, jnp.integer) else upcast(priority)
+
+
 def _sort_pairs(mask: jax.Array, priority: Optional[jax.Array], max_k: Optional[int]):
   """Sort routed pairs by (expert, priority desc, token) -> sorted expert/token ids,
   each pair's position within its expert, and per-expert group sizes."""
@@ -178,7 +184,7 @@ def _sort_pairs(mask: jax.Array, priority: Optional[jax.Array], max_k: Optional[
   if priority is None:
     secondary = flat_token
   else:
-    gathered = jnp.take_along_axis(upcast(priority),
+    gathered = jnp.take_along_axis(_priority_values(priority),
                                    jnp.minimum(ids, num_experts - 1), axis=1)
     secondary = -gathered.reshape(-1)
   sorted_expert, _, sorted_token = jax.lax.sort(
@@ -203,7 +209,8 @@ def dispatch(tokens: jax.Array, mask: jax.Array, capacity: int, *,
     tokens: [T, D].
     mask: bool[T, E] routing mask (RouterOutput.mask).
     capacity: C, slots per expert (Python int).
-    priority: optional float[T, E]; higher keeps a pair first when an expert overflows.
+    priority: optional [T, E], float or int32; higher keeps a pair first when an expert
+      overflows.
     impl: 'sort' or 'einsum'.
     max_k: most experts a token can be routed to (sort impl; default E). Pairs
       beyond it are dropped and counted.
@@ -238,12 +245,53 @@ def _dispatch_sort(tokens, mask, capacity, priority, max_k):
                                           num_routed=num_routed, num_dropped=num_dropped)
 
 
+def dispatch_grouped(tokens: jax.Array, mask: jax.Array, capacity: int,
+                     group_size: Optional[int], *, priority: Optional[jax.Array] = None,
+                     impl: str = 'sort', max_k: Optional[int] = None):
+  """`dispatch` per routing group of `group_size` consecutive tokens, each with its own
+  `capacity` slots per expert: ([E, groups * C, D] buffers, each group's slots side by
+  side, and a state whose combine takes buffers of that shape). group_size None: one
+  group, `dispatch` itself."""
+  if group_size is None:
+    return dispatch(tokens, mask, capacity, priority=priority, impl=impl, max_k=max_k)
+  send = lambda t, m, p: dispatch(t, m, capacity, priority=p, impl=impl, max_k=max_k)
+  split = lambda a: None if a is None else a.reshape(-1, group_size, *a.shape[1:])
+  groups = tokens.shape[0] // group_size
+  expert_inputs, states = jax.vmap(send)(split(tokens), split(mask), split(priority))
+  num_experts, width = mask.shape[1], tokens.shape[1]
+  buffers = expert_inputs.transpose(1, 0, 2, 3).reshape(num_experts, groups * capacity, width)
+  return buffers, GroupedDispatchState(states, group_size, capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedDispatchState:
+  """The dispatch states of a call's routing groups, stacked on a leading group axis."""
+  states: Any
+  group_size: int
+  capacity: int
+
+  @property
+  def num_routed(self):
+    return self.states.num_routed.sum()
+
+  @property
+  def num_dropped(self):
+    return self.states.num_dropped.sum()
+
+  def combine(self, buffers: jax.Array, weights: jax.Array) -> jax.Array:
+    num_experts, _, width = buffers.shape
+    per_group = buffers.reshape(num_experts, -1, self.capacity, width).transpose(1, 0, 2, 3)
+    split = weights.reshape(-1, self.group_size, weights.shape[-1])
+    out = jax.vmap(lambda state, b, w: state.combine(b, w))(self.states, per_group, split)
+    return out.reshape(-1, width)
+
+
 def _positions_in_priority_order(mask: jax.Array, priority: Optional[jax.Array]) -> jax.Array:
   """Each routed pair's queue position at its expert, int32[T, E]."""
   counts = jnp.cumsum(mask.astype(jnp.int32), axis=0) - 1
   if priority is None:
     return counts
-  order = jnp.argsort(-upcast(priority), axis=0, stable=True)
+  order = jnp.argsort(-_priority_values(priority), axis=0, stable=True)
   sorted_mask = jnp.take_along_axis(mask, order, axis=0)
   sorted_pos = jnp.cumsum(sorted_mask.astype(jnp.int32), axis=0) - 1
   inverse = jnp.argsort(order, axis=0)

@@ -22,7 +22,8 @@ TOKEN_AXES = ('data', 'expert')
 
 def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
                         priority: Optional[jax.Array], expert_fn: Callable,
-                        expert_params: Sequence[jax.Array], capacity_fn: Callable[[int], int]
+                        expert_params: Sequence[jax.Array], capacity_fn: Callable[[int], int],
+                        group_size: Optional[int] = None
                         ) -> Tuple[jax.Array, jax.Array, jax.Array, int, int]:
   """Experts are zero-padded up to a multiple of the expert axis; padded experts get
   no tokens (their mask columns are False).
@@ -31,7 +32,9 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
     tokens [T, D], mask bool[T, E], weights [T, E], priority [T, E] or None.
     expert_fn(expert_inputs [S, E_local, C, D], *expert_params) -> same shape.
     expert_params: arrays with the expert axis first, e.g. (wi, wo).
-    capacity_fn(local_tokens) -> C (Python int).
+    capacity_fn(tokens of a routing group) -> C (Python int).
+    group_size: tokens per routing group within each shard (None: the shard's tokens are
+      one group); each group has its C slots per expert, sent in one all-to-all.
   Returns: y [T, D], num_routed, num_dropped (global counts), and the expert-FFN rows
   computed over all shards and the slots per expert over all shards, each of the token
   shards holding capacity_fn(local_tokens) of them (Python ints; the global figure is
@@ -55,18 +58,23 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
     weights = jnp.pad(weights, ((0, 0), (0, pad)))
     priority = None if priority is None else jnp.pad(priority, ((0, 0), (0, pad)))
     expert_params = [jnp.pad(p, [(0, pad)] + [(0, 0)] * (p.ndim - 1)) for p in expert_params]
-  capacity = capacity_fn(num_tokens // shards)
+  local_tokens = num_tokens // shards
+  if group_size is not None and local_tokens % group_size:
+    raise ValueError(f'shard_map_a2a: the {local_tokens} tokens of each of {shards} shards do '
+                     f'not split into routing groups of group_size={group_size}')
+  capacity = capacity_fn(group_size or local_tokens)
+  slots = capacity * (local_tokens // (group_size or local_tokens))  # a shard's, per expert
   has_priority = priority is not None
 
   def local(x, m, w, pr, *params):
-    expert_inputs, state = dispatch_lib.dispatch(x, m, capacity,
-                                                 priority=pr if has_priority else None)
+    expert_inputs, state = dispatch_lib.dispatch_grouped(
+        x, m, capacity, group_size, priority=pr if has_priority else None)
     groups = mesh.shape['expert']
-    send = expert_inputs.reshape(groups, experts_per_device, capacity, width)
+    send = expert_inputs.reshape(groups, experts_per_device, slots, width)
     received = jax.lax.all_to_all(send, 'expert', 0, 0)  # [source shard, E_local, C, D]
     outputs = expert_fn(received, *params)
     returned = jax.lax.all_to_all(outputs, 'expert', 0, 0)  # [expert group, E_local, C, D]
-    y = state.combine(returned.reshape(padded_experts, capacity, width), w)
+    y = state.combine(returned.reshape(padded_experts, slots, width), w)
     counts = jnp.stack([state.num_routed, state.num_dropped])
     return y, jax.lax.psum(counts, token_axes)
 
@@ -78,4 +86,4 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
                 *[expert_spec(p) for p in expert_params]),
       out_specs=(token_spec, P()))(tokens, mask, weights,
                                    priority if has_priority else jnp.zeros(()), *expert_params)
-  return y, counts[0], counts[1], shards * padded_experts * capacity, shards * capacity
+  return y, counts[0], counts[1], shards * padded_experts * slots, shards * slots

@@ -78,9 +78,10 @@ class Routed:
   """What every path needs besides the experts."""
   tokens: jax.Array                 # [T, D] in the experts' compute dtype
   route: routing.RouterOutput
-  priority: Optional[jax.Array]     # float[T, E] or None (lower token index first)
+  priority: Optional[jax.Array]     # [T, E] float or int32, or None (lower token first)
   max_k: Optional[int]              # most experts per token (bounds the pair list)
-  capacity: Callable[[int], int]    # tokens -> slots per expert
+  capacity: Callable[[int], int]    # tokens (of a routing group) -> slots per expert
+  group_size: Optional[int] = None  # tokens per routing group; None: one group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +97,17 @@ class Computed:
 def _capacity_path(impl: str):
   def run(routed: Routed, ffn: ExpertFFN) -> Computed:
     num_tokens, width = routed.tokens.shape
-    capacity = routed.capacity(num_tokens)
-    expert_inputs, state = dispatch_lib.dispatch(
-        routed.tokens, routed.route.mask, capacity, priority=routed.priority, impl=impl,
-        max_k=routed.max_k)
+    capacity = routed.capacity(routed.group_size or num_tokens)
+    groups = num_tokens // (routed.group_size or num_tokens)
+    expert_inputs, state = dispatch_lib.dispatch_grouped(
+        routed.tokens, routed.route.mask, capacity, routed.group_size,
+        priority=routed.priority, impl=impl, max_k=routed.max_k)
     expert_inputs = sharding.constrain(expert_inputs, DISPATCHED_AXES)
-    chex.assert_shape(expert_inputs, (routed.route.mask.shape[1], capacity, width))
+    chex.assert_shape(expert_inputs, (routed.route.mask.shape[1], groups * capacity, width))
     expert_outputs = sharding.constrain(ffn.on_buffers(expert_inputs), DISPATCHED_AXES)
     return Computed(state.combine(expert_outputs, routed.route.weights), state.num_routed,
-                    state.num_dropped, rows=expert_inputs.shape[0] * capacity, capacity=capacity)
+                    state.num_dropped, rows=expert_inputs.shape[0] * groups * capacity,
+                    capacity=groups * capacity)
   return run
 
 
@@ -128,7 +131,7 @@ def _shard_map_a2a(routed: Routed, ffn: ExpertFFN) -> Computed:
 
   y, num_routed, num_dropped, rows, capacity = expert_parallel.expert_parallel_ffn(
       routed.tokens, routed.route.mask, routed.route.weights, routed.priority, local_experts,
-      ffn.weights, routed.capacity)
+      ffn.weights, routed.capacity, routed.group_size)
   return Computed(y.astype(routed.tokens.dtype), num_routed, num_dropped, rows=rows,
                   capacity=capacity)
 

@@ -22,7 +22,7 @@ DISPATCH_IMPLS = tuple(experts.PATHS)
 RAGGED_BACKENDS = grouped_matmul.BACKENDS
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': nn.gelu, 'relu': nn.relu, 'silu': nn.silu, 'swish': nn.swish}
-PRIORITIES = ('score', 'index')
+PRIORITIES = ('score', 'index', 'gshard', 'batch')
 
 
 @flax.struct.dataclass
@@ -72,6 +72,13 @@ class MoE(nn.Module):
     capacity_factor / eval_capacity_factor: slots per expert relative to the
       expected load, in training / evaluation.
     capacity_multiple_of: capacity is rounded up to a multiple of this.
+    capacity: slots per expert, exactly as given (no factor, no rounding to
+      capacity_multiple_of), in training and evaluation, for each call, or under
+      shard_map_a2a for each token shard, which routes apart. None: the factor rule.
+    group_size: tokens per routing group (GShard, flaxformer, V-MoE): capacity, drops,
+      priority, expert choice and the auxiliary losses (averaged over groups) are per
+      group of this many consecutive tokens; a call's token count (a shard's, under
+      shard_map_a2a) must divide into groups. None: one group per call.
     planned_capacity: (slots, tokens): capacity re-planned from recorded routing (the
       trainer's `adaptive.capacity`): `slots` per expert for a training call of `tokens`
       tokens, replacing the capacity-factor rule. A call (or a device's shard) of n tokens
@@ -82,8 +89,11 @@ class MoE(nn.Module):
       `grouped_matmul.BACKENDS`: 'auto' (megablox on TPU, the Pallas Triton kernel on
       GPU, XLA elsewhere, chosen by the platform the step is lowered for), 'xla',
       'megablox', 'pallas_triton' or 'tokamax'.
-    priority: 'score' keeps the most confident pairs when an expert overflows;
-      'index' keeps earlier tokens.
+    priority: which pairs an overflowing expert keeps: 'score' the most confident,
+      'index' the earlier tokens, 'gshard' every first choice before any second choice,
+      each by token index, 'batch' the same with each choice by the token's top-1 score
+      (V-MoE's batch priority; see routing.choice_priority). None: the router's default
+      ('gshard' for top_k, as flaxformer and V-MoE; 'score' for the others).
     activation: key of ACTIVATIONS. glu: gated FFN act(x·wi) * (x·wi_gate).
     dtype: compute dtype of the expert FFNs (routing is at least float32).
     param_dtype: parameter dtype.
@@ -122,10 +132,12 @@ class MoE(nn.Module):
   capacity_factor: float = 2.0
   eval_capacity_factor: float = 4.0
   capacity_multiple_of: int = 8
+  capacity: Optional[int] = None
+  group_size: Optional[int] = None
   planned_capacity: Optional[Tuple[int, int]] = None
   dispatch_impl: str = 'sort'
   ragged_backend: str = 'auto'
-  priority: str = 'score'
+  priority: Optional[str] = None
   activation: str = 'gelu'
   glu: bool = False
   dtype: Any = jnp.float32
@@ -176,9 +188,22 @@ class MoE(nn.Module):
         len(self.planned_capacity) != 2 or min(self.planned_capacity) < 1):
       raise ValueError(f'MoE.planned_capacity must be (slots >= 1, tokens >= 1), got '
                        f'{self.planned_capacity!r}')
+    if self.capacity is not None:
+      if not isinstance(self.capacity, int) or isinstance(self.capacity, bool) or \
+          self.capacity < 1:
+        raise ValueError(f'MoE.capacity must be an int >= 1 (slots per expert), got '
+                         f'{self.capacity!r}')
+      if self.planned_capacity is not None:
+        raise ValueError(f'MoE.capacity={self.capacity} fixes the slots per expert and '
+                         f'planned_capacity={self.planned_capacity} re-plans them: set one')
+    if self.group_size is not None and (not isinstance(self.group_size, int) or
+                                        isinstance(self.group_size, bool) or
+                                        self.group_size < 1):
+      raise ValueError(f'MoE.group_size must be an int >= 1 (tokens per routing group), got '
+                       f'{self.group_size!r}')
     if self.expected_k is not None and self.expected_k <= 0:
       raise ValueError(f'MoE.expected_k must be > 0, got {self.expected_k}')
-    if self.priority not in PRIORITIES:
+    if self.priority is not None and self.priority not in PRIORITIES:
       raise ValueError(f'MoE.priority must be one of {PRIORITIES}, got {self.priority!r}')
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'MoE.activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}')
@@ -193,8 +218,25 @@ class MoE(nn.Module):
         raise ValueError(f'MoE: input last dimension {width} != model width {expected} '
                          'the layer was initialised with')
 
-  def capacity(self, num_tokens: int, training: bool) -> int:
-    """Slots per expert for `num_tokens` tokens (a Python int)."""
+  def _priority(self, route, spec) -> Optional[jax.Array]:
+    order = self.priority or spec.default_priority
+    if order == 'score':
+      return route.scores
+    if order == 'index':
+      return None
+    order_of = lambda scores, mask: routing.choice_priority(scores, mask, order)
+    return routing.per_group(order_of, self.group_size)(route.scores, route.mask)
+
+  def _aux_loss(self, route, logits, router_params, controls):
+    """The router's auxiliary losses and their metrics, averaged over routing groups."""
+    losses = lambda r, l: routers.aux_loss(self, r, l, router_params, controls)
+    if self.group_size is None:
+      return losses(route, logits)
+    total, metrics = routing.per_group(losses, self.group_size, stacked=True)(route, logits)
+    return total.mean(), {k: v.mean() for k, v in metrics.items()}
+
+  def slots_per_expert(self, num_tokens: int, training: bool) -> int:
+    """Slots per expert for a call of `num_tokens` tokens (a Python int)."""
     return routers.capacity(self, num_tokens, self.num_experts, training)
 
   def _experts(self, width: int) -> experts.ExpertFFN:
@@ -230,6 +272,9 @@ class MoE(nn.Module):
     tokens = x.reshape(-1, width)
     valid = None if token_mask is None else token_mask.reshape(-1).astype(jnp.bool_)
     spec = routers.get(self.router)
+    if self.group_size is not None and tokens.shape[0] % self.group_size:
+      raise ValueError(f'MoE: {tokens.shape[0]} tokens do not split into routing groups of '
+                       f'group_size={self.group_size}')
 
     with jax.named_scope('router'):
       route, logits, router_params = spec.route(self, tokens, training, token_importance,
@@ -243,13 +288,14 @@ class MoE(nn.Module):
       impl = 'sort'  # same parameters; init runs on one example that need not split over a mesh
     routed = experts.Routed(
         tokens=tokens.astype(self.dtype), route=route,
-        priority=route.scores if self.priority == 'score' else None,
+        priority=self._priority(route, spec),
         max_k=spec.pairs_per_token(self),
-        capacity=lambda num_tokens: self.capacity(num_tokens, training))
+        capacity=lambda num_tokens: self.slots_per_expert(num_tokens, training),
+        group_size=self.group_size)
     computed = experts.PATHS[impl](routed, ffn)
     y = computed.output
 
-    aux_loss, loss_metrics = routers.aux_loss(self, route, logits, router_params, controls)
+    aux_loss, loss_metrics = self._aux_loss(route, logits, router_params, controls)
     routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
     unrouted = routing.unrouted(route)
     if valid is not None:

@@ -60,6 +60,12 @@ class RouterSpec:
   # target experts per token, kmeans(inputs, num_clusters) -> unit centroids) -> router
   # params set from data. None: the fresh (small random) init is kept.
   upcycle_router: Optional[Callable[..., Dict[str, np.ndarray]]] = None
+  # The overflow order when MoE.priority is None: 'score' (most confident pairs first),
+  # 'index', or a token-choice order of routing.choice_priority ('gshard', 'batch').
+  default_priority: str = 'score'
+  # True where a token's experts depend on the other tokens of its routing group (expert
+  # choice: each expert takes its top tokens): in a causal LM, on later tokens.
+  routes_across_tokens: bool = False
 
 
 def _param(module: nn.Module, name, init, shape, axes):
@@ -192,8 +198,10 @@ def _route_adaptive_k(module, tokens, training, token_importance, controls):
 def _route_expert_choice(module, tokens, training, token_importance, controls):
   del training, token_importance, controls
   logits, params = _logits(module, tokens)
-  capacity = routing.expert_choice_capacity(tokens.shape[0], module.num_experts, module.k)
-  return routing.expert_choice(logits, capacity), logits, params
+  group = module.group_size or tokens.shape[0]  # each expert picks within its group
+  capacity = routing.expert_choice_capacity(group, module.num_experts, module.k)
+  choose = lambda group_logits: routing.expert_choice(group_logits, capacity)
+  return routing.per_group(choose, module.group_size)(logits), logits, params
 
 
 def _k_within(k, num_experts, what=''):
@@ -232,9 +240,12 @@ REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
                # max_k bounds the pair list (T·max_k, not T·E); pairs past it are dropped
                # and counted, like capacity drops
                pairs_per_token=lambda s: s.max_k),
+    # GShard's order, the default of flaxformer and V-MoE (their batch priority is opt-in):
+    # no token's second choice takes a slot from another token's first
     RouterSpec('top_k', _route_top_k,
                lambda s, r, logits, p: _balance_and_z(s, r, logits),
-               pairs_per_token=lambda s: s.k, check=_check_k_within, **_LOGIT_ROUTER),
+               pairs_per_token=lambda s: s.k, check=_check_k_within,
+               default_priority='gshard', **_LOGIT_ROUTER),
     # A budget adapts p itself: the same multiplicative steps, p lowered while the layer
     # takes more experts per token than the target and raised while fewer
     RouterSpec('top_p', _route_top_p, _losses_top_p, pairs_per_token=lambda s: s.max_k,
@@ -252,6 +263,7 @@ REGISTRY: Dict[str, RouterSpec] = {spec.name: spec for spec in (
                lambda s, r, logits, p: {'z_loss': (s.z_loss_weight,
                                                    lambda: losses.z_loss(logits))},
                fixed_capacity=lambda s, t, e: routing.expert_choice_capacity(t, e, s.k),
+               routes_across_tokens=True,
                check=_check_k_within, **_LOGIT_ROUTER),
 )}
 NAMES = tuple(REGISTRY)
@@ -266,11 +278,15 @@ def get(name: str) -> RouterSpec:
 
 
 def capacity(settings, num_tokens: int, num_experts: int, training: bool) -> int:
-  """Slots per expert for `num_tokens` tokens: the router's fixed capacity, else a
-  re-planned one (`settings.planned_capacity`), else the capacity-factor rule."""
+  """Slots per expert for `num_tokens` tokens: the router's fixed capacity, else the
+  explicit one (`settings.capacity`, as given), else a re-planned one
+  (`settings.planned_capacity`), else the capacity-factor rule."""
   spec = get(settings.router)
   if spec.fixed_capacity is not None:
     return spec.fixed_capacity(settings, num_tokens, num_experts)
+  explicit = getattr(settings, 'capacity', None)
+  if explicit is not None:
+    return int(explicit)
   planned = getattr(settings, 'planned_capacity', None)
   if planned is not None:
     return dispatch.scaled_capacity(planned, num_tokens, settings.capacity_multiple_of,
@@ -285,6 +301,8 @@ def check(settings, num_experts: int) -> List[Tuple[str, str]]:
   """(field, message) for each setting that does not fit a layer of `num_experts`."""
   spec = get(settings.router)
   problems = list(spec.check(settings, num_experts))
+  if getattr(settings, 'capacity', None) is not None and spec.fixed_capacity is not None:
+    problems.append(('capacity', f'router {settings.router!r} fixes its own capacity'))
   if settings.max_k is not None and not 1 <= settings.max_k <= num_experts:
     problems.append(('max_k', f'must be in [1, {num_experts}]'))
   target = settings.target_experts_per_token

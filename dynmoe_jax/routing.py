@@ -8,7 +8,7 @@ decisions flip on ties and rounding), is safe under jit/vmap/grad, and returns
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import chex
 import flax.struct
@@ -137,6 +137,55 @@ def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOut
     keep = keep & (jnp.arange(num_experts) < max_k)
   mask = _mask_from_indices(sorted_idx, keep, num_experts)
   return _output(mask, probs, probs)
+
+
+def per_group(fn: Callable, group_size: Optional[int], stacked: bool = False) -> Callable:
+  """`fn` applied to each routing group of `group_size` consecutive tokens alone.
+
+  fn takes arrays (or pytrees, e.g. a RouterOutput) whose leading axis is tokens;
+  None leaves pass through. The result's leading axis is tokens again, or, with
+  `stacked`, one entry per group (for per-group losses). group_size None: fn itself.
+  """
+  if group_size is None:
+    return fn
+
+  def grouped(*args):
+    split = lambda a: a.reshape(-1, group_size, *a.shape[1:])
+    out = jax.vmap(fn)(*jax.tree_util.tree_map(split, args))
+    if stacked:
+      return out
+    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+  return grouped
+
+
+def choice_priority(scores: jax.Array, mask: jax.Array, order: str) -> jax.Array:
+  """Token-choice overflow orders of the peers, as an int32[T, E] priority (higher keeps a
+  pair first when an expert overflows; ties cannot occur).
+
+  'gshard': every token's first choice before any second choice, each choice by token
+    index (GShard; flaxformer and V-MoE without batch priority).
+  'batch': the same choice-major order, each choice by the token's top-1 score,
+    highest first, ties by token index (V-MoE's and flaxformer's batch priority routing).
+  A token's choices are its routed experts by descending score (ties: lower expert).
+
+  Args:
+    scores: float[T, E] the router's scores (probabilities for the softmax routers).
+    mask: bool[T, E] the routed pairs.
+    order: 'gshard' or 'batch'.
+  """
+  num_tokens = scores.shape[0]
+  ranked = jnp.where(mask, upcast(scores), -jnp.inf)
+  by_score = jnp.argsort(-ranked, axis=-1, stable=True)
+  choice = jnp.argsort(by_score, axis=-1).astype(jnp.int32)  # 0: the token's first choice
+  if order == 'gshard':
+    position = jnp.arange(num_tokens, dtype=jnp.int32)
+  elif order == 'batch':
+    top1 = jnp.max(jnp.where(mask, upcast(scores), -jnp.inf), axis=-1)
+    token_order = jnp.argsort(-top1, stable=True)
+    position = jnp.argsort(token_order).astype(jnp.int32)
+  else:
+    raise ValueError(f"choice_priority: order={order!r} must be 'gshard' or 'batch'")
+  return -(choice * num_tokens + position[:, None])
 
 
 def cosine_similarity(tokens: jax.Array, gate_embeddings: jax.Array) -> jax.Array:

@@ -15,6 +15,8 @@ the ratios (each row / dense in the same run), not the absolute times.
 
   python experiments/bench_layer.py                       # the issue's sizes
   python experiments/bench_layer.py --experts 8 --tokens 512 --reps 2   # smoke run
+  python experiments/bench_layer.py --experts 16 --impls einsum --group_sizes 1024 256 64 \
+      --naive_max_experts 0 --planned_active 0      # routing groups: einsum's cost per group
 """
 from __future__ import annotations
 
@@ -90,8 +92,11 @@ def time_step(step, args, reps):
   return seconds, compile_s, {k: float(v) for k, v in out[2].items()}
 
 
-def build_cases(num_experts, hidden, impls, include_naive):
+def build_cases(num_experts, hidden, impls, include_naive, group_sizes=()):
   cases = []
+  for group_size in group_sizes:  # GShard routing groups: einsum's O(T·E·C) per group
+    cases.append((f'top_k2/einsum/group{group_size}',
+                  dict(router='top_k', k=2, dispatch_impl='einsum', group_size=group_size)))
   for impl in impls:
     cases.append((f'top_k2/{impl}', dict(router='top_k', k=2, dispatch_impl=impl)))
     cases.append((f'top_any~2/{impl}', dict(router='top_any', k=2, dispatch_impl=impl)))
@@ -114,6 +119,8 @@ def main():
                       help='experts per token of the planned-capacity top-any case (0: skip)')
   parser.add_argument('--planned_max_k', type=int, default=4,
                       help='max_k of the planned-capacity top-any case (0: none, T·E pairs)')
+  parser.add_argument('--group_sizes', type=int, nargs='*', default=[],
+                      help='also top-2 einsum rows with routing groups of these many tokens')
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--out', default=common.scratch_out('bench_layer'),
                       help=common.OUT_HELP)
@@ -132,7 +139,7 @@ def main():
 
   for num_experts in args.experts:
     for name, module in build_cases(num_experts, args.hidden, args.impls,
-                                    num_experts <= args.naive_max_experts):
+                                    num_experts <= args.naive_max_experts, args.group_sizes):
       variables = nn.meta.unbox(module.init(rng, x))
       if module.router == 'top_any':
         params = dict(variables['params'])
@@ -187,6 +194,9 @@ def summarize(rows, experts):
       if 32 in experts and get('naive_all_experts', 32) and get(name, 32):
         out[f'naive E=32 / {name}'] = get('naive_all_experts', 32) / get(name, 32)
   for r in rows:
+    if '/group' in r['name'] and get('top_k2/einsum', r['experts']):
+      out[f"{r['name']} E={r['experts']} / top_k2/einsum"] = (
+          r['seconds'] / get('top_k2/einsum', r['experts']))
     if r['name'].endswith('/planned') and get('top_k2/sort', r['experts']):
       out[f"{r['name']} E={r['experts']} / top_k2/sort"] = (
           r['seconds'] / get('top_k2/sort', r['experts']))

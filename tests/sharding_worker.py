@@ -10,7 +10,10 @@ import os
 import sys
 
 args = dict(a.split('=', 1) for a in sys.argv[2:])
-os.environ['XLA_FLAGS'] = f"--xla_force_host_platform_device_count={args.get('devices', '1')}"
+os.environ['XLA_FLAGS'] = ' '.join(
+    [f for f in os.environ.get('XLA_FLAGS', '').split()  # keep the suite's other flags
+     if not f.startswith('--xla_force_host_platform_device_count')] +
+    [f"--xla_force_host_platform_device_count={args.get('devices', '1')}"])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, run_main
@@ -14,9 +15,8 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs')) if f.
 PLATFORMS, STEPS = ('tpu', 'cuda'), ('train', 'eval')
 
 
-# Session scope: a module-scoped fixture is torn down whenever an xdist worker runs a test of
-# another module in between, and was computed twice per session that way.
-@pytest.fixture(scope='session')
+# make test runs each file on one worker (--dist loadfile): computed once.
+@pytest.fixture(scope='module')
 def lowered(tmp_path_factory):
   out = tmp_path_factory.mktemp('accelerators') / 'result.json'
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'accelerator_worker.py'),
@@ -25,11 +25,6 @@ def lowered(tmp_path_factory):
   return json.loads(out.read_text())
 
 
-# One worker computes every export; the tests below read it (make test: --dist loadgroup).
-ONE_WORKER = pytest.mark.xdist_group('accelerator_worker')
-
-
-@ONE_WORKER
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_config_lowers_for_tpu_and_gpu(lowered, name):
   result = lowered['configs'][name]
@@ -37,7 +32,6 @@ def test_every_config_lowers_for_tpu_and_gpu(lowered, name):
   assert sorted(result) == sorted(f'{p}/{s}' for p in PLATFORMS for s in STEPS)
 
 
-@ONE_WORKER
 def test_ragged_exports_hold_the_platform_kernels(lowered):
   ragged = lowered['ragged']
   for backend in ('auto', 'megablox'):
@@ -52,13 +46,20 @@ def test_ragged_exports_hold_the_platform_kernels(lowered):
   assert ragged['pallas_triton']['tpu/train']['kernels'] == []
 
 
-@ONE_WORKER
 def test_kernels_split_over_a_mesh_equal_xla(lowered):
   for backend, error in lowered['per_shard_relative_error'].items():
     assert error <= 1e-5, backend
 
 
-@ONE_WORKER
+def test_routing_groups_under_shard_map_a2a_equal_the_sort_path(lowered):
+  got = lowered['grouped_expert_parallel']
+  sort, a2a = got['sort'], got['shard_map_a2a']
+  np.testing.assert_allclose(a2a['y'], sort['y'], rtol=1e-5, atol=1e-6)
+  assert a2a['dropped'] == sort['dropped'] > 0
+  assert a2a['loss'] == pytest.approx(sort['loss'], rel=1e-6)
+  assert a2a['capacity'] == sort['capacity'] == 16  # 16 groups x 1 slot per expert
+
+
 def test_dry_run_state_bytes_are_what_xla_passes_the_step(lowered):
   r = lowered['dry_run_lm_tpu_shrunk']
   counted = r['params'] + r['opt_state'] + r['other_state'] + r['batch_bytes']

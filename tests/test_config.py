@@ -23,6 +23,13 @@ def test_shipped_configs_validate(name):
 
 BAD_CONFIGS = [
     # (field, value, expected message fragment); a dict sets several fields
+    ('model.moe.capacity', 0, 'config.model.moe.capacity=0 is invalid: must be an int > 0'),
+    ({'model.moe.capacity': 4, 'adaptive.capacity': True, 'adaptive.every': 10},
+     'config.adaptive.capacity=True is invalid: re-plans the slots per expert that '
+     'model.moe.capacity=4 fixes'),
+    ({'model.moe.capacity': 4, 'model.moe.router': 'expert_choice'},
+     "config.model.moe.capacity=4 is invalid: router 'expert_choice' fixes its own capacity"),
+    ('model.moe.priority', 'fifo', "config.model.moe.priority='fifo' is invalid"),
     ('model.moe.router', 'top_q', "config.model.moe.router='top_q' is invalid: must be one of"),
     ('model.moe.dispatch_impl', 'scatter', "config.model.moe.dispatch_impl='scatter'"),
     ({'model.moe.router': 'top_k', 'model.moe.k': 9},
@@ -147,3 +154,16 @@ def test_a_short_run_of_the_default_lm_is_told_the_three_cadence_overrides(steps
     overrides[field] = int(message.split(f'--config.adaptive.{field}=')[1].split()[0])
   config.adaptive.update(overrides)  # the suggestion, applied as given, validates
   config_lib.validate(config)
+
+
+def test_expert_choice_in_a_causal_lm_needs_the_noncausal_opt_in():
+  config = load_config('lm_tiny')
+  config.model.moe.router = 'expert_choice'
+  with pytest.raises(config_lib.ConfigError, match="later tokens of its routing group .* "
+                                                   'set model.noncausal_routing=True'):
+    config_lib.validate(config)
+  config.model.noncausal_routing = True
+  config_lib.validate(config)
+  config.model.moe.group_size = 0
+  with pytest.raises(config_lib.ConfigError, match='config.model.moe.group_size=0'):
+    config_lib.validate(config)

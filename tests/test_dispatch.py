@@ -157,3 +157,67 @@ def test_routed_pairs_keep_the_lowest_expert_ids_up_to_max_k(density):
     assert k == max_k
     # max_k = E keeps every routed id in its own column; order does not matter downstream
     np.testing.assert_array_equal(np.sort(ids, axis=1), expected, err_msg=f"max_k={max_k}")
+
+
+def vmoe_top_k_assignment(gates, k, capacity, batch_priority):
+  """V-MoE's / flaxformer's token-choice dispatch, from their published semantics: choice
+  by choice (every token's first choice, then every token's second, ...), tokens in
+  index order or, with batch priority, by their top-1 gate (highest first, ties by
+  index); a pair is kept while its expert has a free slot. -> {(token, expert): slot}."""
+  num_tokens, num_experts = gates.shape
+  choices = np.argsort(-gates, axis=1, kind='stable')[:, :k]
+  order = (np.argsort(-gates.max(1), kind='stable') if batch_priority
+           else np.arange(num_tokens))
+  filled = np.zeros(num_experts, int)
+  slots = {}
+  for i in range(k):
+    for t in order:
+      e = choices[t, i]
+      if filled[e] < capacity:
+        slots[(t, e)] = filled[e]
+        filled[e] += 1
+  return slots
+
+
+@pytest.mark.parametrize('impl', ['sort', 'einsum'])
+@pytest.mark.parametrize('k', [1, 2])
+@pytest.mark.parametrize('order', ['gshard', 'batch'])
+def test_gshard_and_batch_orders_dispatch_and_combine_as_vmoe(order, k, impl):
+  from dynmoe_jax import routing
+  rng = np.random.RandomState(k)
+  tokens = rng.randn(T, D).astype(np.float32)
+  logits = (2.0 * rng.randn(T, E)).astype(np.float32)
+  kernels = rng.randn(E, D, D).astype(np.float32)
+  capacity = 5  # T * k / E = 8 or 16 pairs per expert on average: overflow everywhere
+  route = routing.top_k(jnp.asarray(logits), k, normalize=False)  # V-MoE: raw gates
+  gates = np.asarray(route.scores)
+  priority = routing.choice_priority(route.scores, route.mask, order)
+  expert_inputs, state = dispatch.dispatch(jnp.asarray(tokens), route.mask, capacity,
+                                           priority=priority, impl=impl)
+  slots = vmoe_top_k_assignment(gates, k, capacity, order == 'batch')
+  expected_inputs = np.zeros((E, capacity, D), np.float32)
+  expected_y = np.zeros((T, D), np.float32)
+  for (t, e), c in slots.items():
+    expected_inputs[e, c] = tokens[t]
+    expected_y[t] += gates[t, e] * (tokens[t] @ kernels[e])
+  np.testing.assert_array_equal(np.asarray(expert_inputs), expected_inputs)
+  assert int(state.num_dropped) == T * k - len(slots) > 0
+  expert_out = jnp.einsum('ecd,edf->ecf', expert_inputs, jnp.asarray(kernels))
+  y = state.combine(expert_out, route.weights)
+  np.testing.assert_allclose(np.asarray(y), expected_y, rtol=1e-5, atol=1e-5)
+
+
+def test_the_score_order_lets_a_second_choice_take_a_first_choices_slot():
+  # why top_k's default is 'gshard': with 'score' a confident second choice can push out
+  # another token's first choice
+  from dynmoe_jax import routing
+  logits = jnp.log(jnp.asarray([[0.50, 0.45, 0.05],    # token 0: expert 1 its 2nd choice
+                                [0.35, 0.40, 0.25]]))   # token 1: expert 1 its 1st choice
+  route = routing.top_k(logits, 2, normalize=False)
+  kept = {}
+  for order, priority in (('score', route.scores),
+                          ('gshard', routing.choice_priority(route.scores, route.mask,
+                                                             'gshard'))):
+    _, state = dispatch.dispatch(jnp.eye(2, 4), route.mask, 1, priority=priority)
+    kept[order] = not bool(state.dropped[1, 1])
+  assert kept == {'score': False, 'gshard': True}

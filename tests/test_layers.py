@@ -1,4 +1,6 @@
 """The MoE linen module: oracle, gradients, static shapes, dtypes, errors."""
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -289,7 +291,7 @@ def _route_like_layer(moe, params, x, importance, training):
 def test_flops_follow_the_rows_each_path_computes(impl):
   x, importance = make_inputs(4)
   moe = build('top_k', impl, k=2, capacity_factor=1.0, capacity_multiple_of=8)
-  rows = {'sort': E * moe.capacity(B * S, training=True), 'ragged': B * S * 2,
+  rows = {'sort': E * moe.slots_per_expert(B * S, training=True), 'ragged': B * S * 2,
           'all_experts_reference': E * B * S}[impl]
   _, _, aux = init_apply(moe, x, importance)
   per_row = 2 * D * F * 2  # wi and wo
@@ -315,3 +317,54 @@ def test_top_any_max_k_bounds_the_ragged_pair_list():
   # every pair past a token's first two experts is dropped, and counted
   want = np.maximum(per_token - 2, 0).sum() / per_token.sum()
   assert float(aux.metrics['dropped_fraction']) == pytest.approx(want, rel=1e-6)
+
+
+def test_an_explicit_capacity_is_taken_exactly_in_training_and_evaluation():
+  moe = build('top_k', k=2, capacity=3)  # the factor rule would round up to a multiple of 8
+  assert moe.slots_per_expert(B * S, training=True) == 3
+  assert moe.slots_per_expert(B * S, training=False) == 3
+  x, importance = make_inputs()
+  _, _, aux = init_apply(moe, x, importance)
+  assert float(aux.metrics['capacity']) == 3.0
+  assert float(aux.metrics['dropped_fraction']) > 0  # 3 slots for B*S*2 / E pairs each
+
+
+@pytest.mark.parametrize('kw,message', [
+    (dict(capacity=0), 'MoE.capacity must be an int >= 1'),
+    (dict(capacity=2.5), 'MoE.capacity must be an int >= 1'),
+    (dict(capacity=4, planned_capacity=(16, 64)), 'planned_capacity=(16, 64) re-plans them'),
+])
+def test_a_bad_explicit_capacity_is_one_line(kw, message):
+  x, _ = make_inputs()
+  with pytest.raises(ValueError, match=re.escape(message)):
+    build('top_k', **kw).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize('router,kw', [
+    ('top_k', dict(k=2, capacity=2, priority='batch')),  # overflow in every group
+    ('top_k', dict(k=1, capacity=1, priority='gshard')),
+    ('expert_choice', dict(k=2)),
+    ('top_any', dict(capacity=2)),
+])
+def test_routing_per_group_equals_routing_each_group_alone(router, kw):
+  groups, group_size = 4, 6
+  x = jax.random.normal(jax.random.PRNGKey(0), (groups, group_size, D))
+  grouped = layers.MoE(num_experts=E, hidden_dim=F, router=router, group_size=group_size, **kw)
+  alone = grouped.clone(group_size=None)
+  variables = grouped.init(jax.random.PRNGKey(1), x)
+  y, aux = grouped.apply(variables, x, training=True)
+  each = [alone.apply(variables, x[g], training=True) for g in range(groups)]
+  np.testing.assert_allclose(y, jnp.stack([out for out, _ in each]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux.loss, np.mean([a.loss for _, a in each]), rtol=1e-5)
+  dropped = sum(float(a.metrics['dropped_fraction']) * float(a.record.tokens_per_expert.sum())
+                for _, a in each)
+  assert float(aux.metrics['dropped_fraction']) * float(aux.record.tokens_per_expert.sum()) \
+      == pytest.approx(dropped)
+  assert float(aux.metrics['capacity']) == groups * float(each[0][1].metrics['capacity'])
+
+
+def test_routing_groups_must_divide_the_tokens():
+  moe = layers.MoE(num_experts=E, hidden_dim=F, group_size=5)
+  with pytest.raises(ValueError, match='24 tokens do not split into routing groups of '
+                                       'group_size=5'):
+    moe.init(jax.random.PRNGKey(0), jnp.zeros((4, 6, D)))

@@ -54,7 +54,8 @@ def test_a_signal_checkpoints_the_current_step_writes_plots_and_exits_zero(tmp_p
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
   assert 'KeyboardInterrupt' not in err
-  result = json.loads(out[out.index('{'):])
+  assert out.startswith('preempted at step '), out
+  result = json.loads((tmp_path / 'result.json').read_text())
   assert result['status'] == 'preempted'
   steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints'))
   assert steps == [result['step']] and 10 <= result['step'] < 1000
@@ -112,7 +113,9 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, tiny_conf
   kept = os.listdir(workdir / 'unreadable_checkpoints')
   assert len(kept) == 1 and kept[0].startswith('20.')
   why = (workdir / 'unreadable_checkpoints' / kept[0] / 'why_unreadable.txt').read_text()
-  assert 'Traceback' in why and 'TensorStore' in why
+  # the error the warning names, in full (which file the truncation breaks first varies)
+  error_type = warning.split(' is unreadable (')[1].split(')')[0]
+  assert why.startswith('Traceback') and error_type in why
   assert result['step'] == 20
   chex.assert_trees_all_equal(jax.device_get(reference.state), jax.device_get(again.state))
 

@@ -150,20 +150,15 @@ def moe_tiny(init_from, router='top_k'):
   return config
 
 
-# Session scope: a module-scoped fixture is torn down whenever an xdist worker runs a test of
-# another module in between, and was computed twice per session that way.
-@pytest.fixture(scope='session')
+# make test runs each file on one worker (--dist loadfile): computed once.
+@pytest.fixture(scope='module')
 def dense_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('dense'))
   result = train.Trainer(dense_tiny(), workdir).run()
   return workdir, result
 
 
-DENSE_RUN = pytest.mark.xdist_group('upcycle_dense_run')  # one worker trains it, once
-
-
 @pytest.mark.slow
-@DENSE_RUN
 @pytest.mark.parametrize('router', ['top_k', 'top_any'])
 def test_init_from_starts_at_the_dense_model_and_resumes_exactly(dense_run, tmp_path, router):
   dense_dir, dense_result = dense_run
@@ -183,7 +178,6 @@ def test_init_from_starts_at_the_dense_model_and_resumes_exactly(dense_run, tmp_
 
 
 @pytest.mark.slow
-@DENSE_RUN
 def test_init_from_errors_name_the_problem(dense_run, tmp_path):
   dense_dir, _ = dense_run
   with pytest.raises(upcycle.UpcycleError, match='holds no checkpoint'):

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from dynmoe_jax import checkpointing, config_lib
+from dynmoe_jax import checkpointing, config_lib, routers
 
 # Dotted config fields (or prefixes ending in '.') a resumed run may change.
 RESUMABLE_FIELDS = (
@@ -38,6 +38,9 @@ ABSENT_MEANS = {
     'model.moe.budget_two_sided': False,
     'model.moe.budget_error_unit': None,
     'model.moe.budget_horizon': None,
+    'model.moe.capacity': None,
+    'model.moe.group_size': None,
+    'model.noncausal_routing': False,
 }
 
 
@@ -83,6 +86,8 @@ def _resumable(field: str) -> bool:
 NONE_MEANS = {
     # runs before the Switch default saved True for every k
     'model.moe.normalize_top_k': lambda flat: flat.get('model.moe.k', 1) >= 2,
+    # runs before the peers' orders saved 'score' for every router
+    'model.moe.priority': lambda flat: routers.get(flat['model.moe.router']).default_priority,
 }
 
 
