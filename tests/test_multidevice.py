@@ -104,10 +104,11 @@ def final_eval(workdir):
   return [r for r in rows if r['split'] == 'eval'][-1]
 
 
-def test_the_default_config_trained_on_1_device_evaluates_alike_on_8(tmp_path):
-  # The default config's eval_batch_size (500) does not split over the 8 devices and is
-  # padded (504). Training on the mesh, both paths: test_data2_expert4_mesh_matches_one_device.
-  common = ['--config=configs/mnist1d_dynmoe.py', '--config.num_train_steps=10',
+def test_a_run_trained_on_1_device_evaluates_alike_on_8(tmp_path):
+  # An eval_batch_size of 500 (the default config's) does not split over the 8 devices and
+  # is padded (504). Training on the mesh, both paths: test_data2_expert4_mesh_matches_one_device.
+  common = ['--config=configs/tiny.py', '--config.model.num_layers=4',
+            '--config.num_train_steps=10', '--config.eval_batch_size=500',
             '--config.progress_bar=False']
   eight = xla_flags(8)
   single = run_main([*common, f'--workdir={tmp_path / "one"}'])

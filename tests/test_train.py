@@ -274,3 +274,18 @@ def test_a_run_saved_before_a_config_field_existed_resumes_with_the_old_behaviou
   with pytest.raises(ValueError, match=r"fields differ: \['model.moe.budget_error_unit', "
                                        r"'model.moe.budget_horizon'\]"):
     train.Trainer(tiny_config, str(tmp_path)).run()
+
+
+def test_a_run_saved_with_the_old_routing_defaults_resumes_where_they_are_the_rule(tmp_path):
+  from dynmoe_jax.train import compat
+  config = load_config('tiny', 'top_k')  # k = 2
+  saved = compat.config_json(config)
+  saved['model']['moe'].update(normalize_top_k=True, priority='score')  # before the rules
+  assert compat.differences(saved, compat.config_json(config)) == [
+      ('model.moe.priority', 'score', None)]  # top_k's rule is now 'gshard'
+  config.model.moe.priority = 'score'
+  assert compat.differences(saved, compat.config_json(config)) == []  # k=2 renormalised
+  config.model.moe.k = 1
+  saved['model']['moe']['k'] = 1
+  assert [d[0] for d in compat.differences(saved, compat.config_json(config))] == [
+      'model.moe.normalize_top_k']  # top-1 renormalised then, raw now

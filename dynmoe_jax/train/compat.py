@@ -102,9 +102,13 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]
       return NONE_MEANS[key](config)
     return None if key in config_lib.ZERO_MEANS_OFF and v == 0 else v
 
+  def follows_the_rule_on_both_sides(key):  # then the fields the rule reads are compared
+    return key in NONE_MEANS and a.get(key) is None and b.get(key) is None
+
   return [(k, a.get(k, '<absent>'), b.get(k, '<absent>'))
           for k in sorted(set(a) | set(b))
-          if value(a, k) != value(b, k) and not _resumable(k)]
+          if value(a, k) != value(b, k) and not _resumable(k)
+          and not follows_the_rule_on_both_sides(k)]
 
 
 def config_json(config) -> Dict[str, Any]:
