@@ -38,6 +38,15 @@ class Checkpointer:
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
 
+  def readable(self, step: int) -> bool:
+    """Whether every array of `step` reads back (as host arrays: no target, nothing
+    compiled); an unreadable step is left where it is, for restore_latest to handle."""
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      return True
+    except Exception:  # noqa: BLE001  corrupt, truncated or half-copied
+      return False
+
   def read_meta(self, step: int) -> Dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 

@@ -114,7 +114,7 @@ def test_a_run_trained_on_1_device_evaluates_alike_on_8(tmp_path):
   single = run_main([*common, f'--workdir={tmp_path / "one"}'])
   assert single.returncode == 0, single.stderr[-3000:]
   reference = final_eval(tmp_path / 'one')
-  for impl in ('sort', 'shard_map_a2a'):
+  for impl in ('shard_map_a2a',):  # sort on the mesh: test_data2_expert4_mesh_matches_one_device
     # the 1-device checkpoint evaluated on the 8-device mesh: the same figures
     script = os.path.join(ROOT, 'experiments', 'mesh_matrix.py')
     proc = subprocess.run([sys.executable, script, '--evaluate', str(tmp_path / 'one'),

@@ -87,10 +87,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_config):
   assert metrics_rows(straight, 'eval') == metrics_rows(resumed, 'eval')
 
 
-def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_config):
+def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_config, monkeypatch):
   tiny_config.num_train_steps = 10
   first = train.Trainer(tiny_config, str(tmp_path)).run()
   before = (tmp_path / 'metrics.jsonl').read_text()
+
+  def no_compiling(*args, **kwargs):
+    raise AssertionError('a finished run compiled its steps again')
+  monkeypatch.setattr(train.Trainer, 'compile', no_compiling)
   result = train.Trainer(tiny_config, str(tmp_path)).run()
   assert result['step'] == 10
   assert (tmp_path / 'metrics.jsonl').read_text() == before

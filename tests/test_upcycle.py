@@ -159,7 +159,8 @@ def dense_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('router', ['top_k', 'top_any'])
+# top_any: its gates are set from data; top_k's step-0 equality: test_upcycled_model_computes_the_dense_model
+@pytest.mark.parametrize('router', ['top_any'])
 def test_init_from_starts_at_the_dense_model_and_resumes_exactly(dense_run, tmp_path, router):
   dense_dir, dense_result = dense_run
   config = moe_tiny(dense_dir, router)

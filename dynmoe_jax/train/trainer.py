@@ -95,14 +95,17 @@ class Trainer:
     return {**layout.to_meta(), 'routing_records': self.boundary.records_json(),
             'config': compat.config_json(self.config)}
 
-  def _abstract_for(self, meta) -> Any:
+  def _check_layout(self, meta, layout: Layout):
     # Every step restore may fall back to was written by this config, or it is refused.
     compat.check(meta.get('config', {}), self.config, self.workdir)
-    layout = Layout.from_meta(meta)
     if layout.experts != self.layout.experts and not self.config.adaptive.enabled:
       raise checkpointing.ModelMismatchError(
           f'{self.workdir} holds experts_per_layer={list(layout.experts)} but the config asks '
           f'for {list(self.layout.experts)} and adaptive.enabled is False')
+
+  def _abstract_for(self, meta) -> Any:
+    layout = Layout.from_meta(meta)
+    self._check_layout(meta, layout)
     # Falling back to an older step of the same layout reuses the compiled steps.
     if self.compiled is None or self.compiled.layout != layout:
       self.compiled = self.compile(layout)
@@ -211,9 +214,36 @@ class Trainer:
                rates.forward_flops_per_token, rates.peak_flops, rates.peak_source)
     return rates
 
+  def finished(self) -> Optional[Dict[str, Any]]:
+    """The result of a run already trained and evaluated to config.num_train_steps whose
+    last checkpoint reads back, found without compiling anything; None otherwise."""
+    steps_saved = self.checkpointer.all_steps()
+    last_eval = self.metrics.last_row('eval')
+    if (not steps_saved or steps_saved[-1] != self.config.num_train_steps or
+        last_eval.get('step') != steps_saved[-1]):
+      return None
+    try:
+      meta = self.checkpointer.read_meta(steps_saved[-1])
+    except Exception:  # noqa: BLE001  unreadable: the normal path sets it aside
+      return None
+    layout = Layout.from_meta(meta)
+    self._check_layout(meta, layout)
+    if not self.checkpointer.readable(steps_saved[-1]):
+      return None
+    log.info('%s already holds this run trained to step %d: nothing to do', self.workdir,
+             steps_saved[-1])
+    return {'status': 'completed', 'step': steps_saved[-1], 'eval': last_eval,
+            'experts_per_layer': list(layout.experts),
+            'capacity_per_layer': list(layout.capacity)}
+
   def run(self) -> Dict[str, Any]:
     """Train to config.num_train_steps (or until SIGTERM / Ctrl-C: then checkpoint the
-    current step and return with status 'preempted')."""
+    current step and return with status 'preempted'). A run already finished returns its
+    result at once."""
+    done = self.finished()
+    if done is not None:
+      self.close()
+      return done
     handlers = {}
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
