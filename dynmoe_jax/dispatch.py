@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax.routing import upcast
+from dynmoe_jax.routing import per_group, upcast
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
@@ -255,9 +255,8 @@ def dispatch_grouped(tokens: jax.Array, mask: jax.Array, capacity: int,
   if group_size is None:
     return dispatch(tokens, mask, capacity, priority=priority, impl=impl, max_k=max_k)
   send = lambda t, m, p: dispatch(t, m, capacity, priority=p, impl=impl, max_k=max_k)
-  split = lambda a: None if a is None else a.reshape(-1, group_size, *a.shape[1:])
   groups = tokens.shape[0] // group_size
-  expert_inputs, states = jax.vmap(send)(split(tokens), split(mask), split(priority))
+  expert_inputs, states = per_group(send, group_size, stacked=True)(tokens, mask, priority)
   num_experts, width = mask.shape[1], tokens.shape[1]
   buffers = expert_inputs.transpose(1, 0, 2, 3).reshape(num_experts, groups * capacity, width)
   return buffers, GroupedDispatchState(states, group_size, capacity)

@@ -180,7 +180,7 @@ def choice_priority(scores: jax.Array, mask: jax.Array, order: str) -> jax.Array
   if order == 'gshard':
     position = jnp.arange(num_tokens, dtype=jnp.int32)
   elif order == 'batch':
-    top1 = jnp.max(jnp.where(mask, upcast(scores), -jnp.inf), axis=-1)
+    top1 = jnp.max(ranked, axis=-1)
     token_order = jnp.argsort(-top1, stable=True)
     position = jnp.argsort(token_order).astype(jnp.int32)
   else:

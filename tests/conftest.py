@@ -48,6 +48,17 @@ def pytest_unconfigure(config):
       shutil.rmtree(path, ignore_errors=True)
 
 
+def snapshot(directory):
+  """Every path under `directory` with its bytes (None for a directory; None for the whole
+  when it does not exist): what a refused or read-only command must leave as it was."""
+  import pathlib
+  directory = pathlib.Path(directory)
+  if not directory.exists():
+    return None
+  return {str(p.relative_to(directory)): (None if p.is_dir() else p.read_bytes())
+          for p in sorted(directory.rglob('*'))}
+
+
 def load_config(name: str, *args):
   """get_config() of configs/<name>.py, as config_flags would load it."""
   from dynmoe_jax import config_lib

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import run_main
+from tests.conftest import run_main, snapshot
 
 
 def assert_one_line_error(proc, *fragments):
@@ -29,14 +29,6 @@ def test_config_mistakes_end_in_one_line_and_write_nothing(tmp_path, args, fragm
   proc = run_main(['--config=configs/tiny.py', f'--workdir={workdir}', *args], timeout=180)
   assert_one_line_error(proc, *fragments)
   assert not workdir.exists()
-
-
-def snapshot(directory):
-  """Every path under `directory` with its bytes (None for a directory)."""
-  if not directory.exists():
-    return None
-  return {str(p.relative_to(directory)): (None if p.is_dir() else p.read_bytes())
-          for p in sorted(directory.rglob('*'))}
 
 
 @pytest.mark.parametrize('args,fragments', [

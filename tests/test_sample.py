@@ -1,5 +1,4 @@
 """Generation with a KV cache: cached decoding equals the full forward pass; the CLI."""
-import os
 
 import flax.linen as nn
 import jax
@@ -74,20 +73,20 @@ def test_generate_routes_with_a_budgets_controls():
 @pytest.mark.slow
 def test_sample_command_on_a_trained_run(tmp_path, capsys, monkeypatch):
   from dynmoe_jax import train
-  from tests.conftest import load_config
+  from tests.conftest import load_config, snapshot
   config = load_config('lm_tiny')
   config.model.arch = 'decoder'
   config.model.max_len = 64
   train.Trainer(config, str(tmp_path)).run()
   # a relative --workdir, as the README's command after `make train` passes one
   monkeypatch.chdir(tmp_path.parent)
-  before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+  before = snapshot(tmp_path)
   assert sample.main([f'--workdir={tmp_path.name}', '--prompt=import ', '--max_new=20']) == 0
   out = capsys.readouterr().out
   assert 'experts per token by MoE layer' in out
   assert '\033[' not in out  # a pipe gets no colour codes
   # the run is only read
-  assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+  assert snapshot(tmp_path) == before
   page = tmp_path.parent / 'sample.html'
   assert sample.main([f'--workdir={tmp_path.name}', '--max_new=5', f'--html={page}',
                       '--colour=always']) == 0

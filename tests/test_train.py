@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import plots, train
-from tests.conftest import killed_and_resumed, load_config, run_main
+from tests.conftest import killed_and_resumed, load_config, run_main, snapshot
 
 pytestmark = pytest.mark.slow  # end-to-end: trains models
 
@@ -105,11 +105,11 @@ def test_workdir_of_a_different_model_is_refused(tmp_path, tiny_config):
   tiny_config.num_train_steps = 5
   tiny_config.checkpoint_every = 5
   train.Trainer(tiny_config, str(tmp_path)).run()
-  before = {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+  before = snapshot(tmp_path)
   tiny_config.model.dim = 48
   with pytest.raises(ValueError, match=r"different config \(fields differ: \['model.dim'\]\)"):
     train.Trainer(tiny_config, str(tmp_path)).run()
-  assert {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()} == before
+  assert snapshot(tmp_path) == before
   tiny_config.model.dim = 32
   tiny_config.model.moe.num_experts = 3
   with pytest.raises(ValueError, match=r'experts_per_layer=\[0, 4\]'):
@@ -149,17 +149,6 @@ def test_lm_config_trains(tmp_path):
   rows = metrics_rows(tmp_path)
   assert np.isfinite(result['eval']['bits_per_byte'])
   assert rows[-1]['loss'] < rows[0]['loss']
-
-
-def snapshot(directory):
-  """Every file under `directory` with its bytes: what must not change."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
 
 
 def test_a_changed_optimizer_is_refused_before_anything_is_written(tmp_path, tiny_config):
