@@ -11,7 +11,7 @@ Top-2 by default (the baseline); DynMoE's top-any at a compute budget of 1.5 exp
 per token beside it, in its own workdir:
   make train CONFIG=configs/lm_base.py
   make train CONFIG=configs/lm_base.py WORKDIR=workdir/lm_base_top_any \\
-    ARGS='--config.model.moe.router=top_any --config.model.moe.target_experts_per_token=1.5 --config.model.moe.top_any_train_fallback=True'
+    ARGS='--config.model.moe.router=top_any --config.budget.target_experts_per_token=1.5 --config.model.moe.top_any.train_fallback=True'
 Capacity is re-planned from routing every 500 steps, so the budget run computes what
 its router uses. Out of memory: `--config.model.remat=dots` (or `full`), or a smaller
 `--config.batch_size`.
@@ -34,7 +34,7 @@ def get_config():
   m.num_heads = 12
   m.mlp_dim = 2048
   m.dtype = 'bfloat16'
-  m.moe.k = 2
+  m.moe.top_k.k = 2
   m.moe.num_experts = 16
   m.moe.hidden_dim = 768
   config.optimizer.learning_rate = 1e-3

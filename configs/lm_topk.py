@@ -4,5 +4,5 @@ from dynmoe_jax.default_config import lm_config
 
 def get_config():
   config = lm_config('top_k')
-  config.model.moe.k = 2
+  config.model.moe.top_k.k = 2
   return config

@@ -17,8 +17,8 @@ Top-any's losses are the library default, the reference's 2025 set (diversity +
 simplicity + load balance + efficiency, 0.01 each): over 3 seeds it matches the paper's
 2024 losses in accuracy (97.83 ± 0.42 vs 97.80 ± 0.10 at width 64) with about 1.1 experts
 per token instead of 2.3-2.9, fewer than top-2.
-`--config.model.moe.load_balance_weight=0 --config.model.moe.efficiency_weight=0` gives the
-paper's losses, `--config.model.moe.target_experts_per_token=1.5` a compute budget."""
+`--config.model.moe.top_any.load_balance_weight=0 --config.model.moe.top_any.efficiency_weight=0` gives the
+paper's losses, `--config.budget.target_experts_per_token=1.5` a compute budget."""
 from dynmoe_jax.default_config import mnist1d_config
 
 

@@ -5,7 +5,7 @@ from dynmoe_jax.default_config import mnist1d_config
 
 def get_config():
   config = mnist1d_config('top_p')
-  config.model.moe.p = 0.4
-  config.model.moe.load_balance_weight = 1e-2
-  config.model.moe.entropy_weight = 1e-4
+  config.model.moe.top_p.p = 0.4
+  config.model.moe.top_p.load_balance_weight = 1e-2
+  config.model.moe.top_p.entropy_weight = 1e-4
   return config

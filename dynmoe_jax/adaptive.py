@@ -13,14 +13,14 @@ Flow, per MoE layer, at a boundary:
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynmoe_jax import capacity as capacity_lib
 from dynmoe_jax import layers as layers_lib
 from dynmoe_jax import names, routers
 from dynmoe_jax.layout import Layout
@@ -71,48 +71,6 @@ class RecordAccumulator:
                int(d['steps']),
                None if loads is None else np.asarray(loads, np.int64).reshape(-1, counts.size),
                None if loads is None else np.asarray(d['step_tokens'], np.int64))
-
-
-@dataclasses.dataclass(frozen=True)
-class CapacityRule:
-  """How capacity follows recorded routing (config.adaptive.capacity_*).
-
-  slots = the `quantile` over the window's steps of the busiest expert's routed pairs,
-  times `headroom`, raised until the window's pairs would have lost at most
-  `max_dropped` of themselves to capacity; a smaller plan replaces the current capacity
-  only when it saves more than `tolerance` of it (each change is a recompile).
-  """
-  quantile: float = 0.9
-  headroom: float = 1.1
-  max_dropped: float = 0.01
-  tolerance: float = 0.1
-  multiple_of: int = 8
-
-
-def planned_capacity(record: RecordAccumulator, keep: Sequence[int], rule: CapacityRule,
-                     current: int) -> Tuple[int, int]:
-  """(slots per expert, tokens per step) for the next layout, planned from the window's
-  per-step loads of the experts that stay. `current`: the slots the window ran with
-  (at the same tokens per step)."""
-  if record.step_loads is None or not len(record.step_loads):
-    raise ValueError('planned_capacity: the record holds no per-step loads')
-  tokens = set(record.step_tokens.tolist())
-  if len(tokens) != 1:
-    raise ValueError(f'planned_capacity: the window\'s steps routed different token counts '
-                     f'{sorted(tokens)}; capacity is planned for one training batch shape')
-  (tokens,) = tokens
-  multiple = rule.multiple_of
-  round_up = lambda n: multiple * -(-int(n) // multiple)
-  loads = record.step_loads[:, list(keep)] if keep else record.step_loads
-  most = round_up(tokens)  # an expert never gets a token twice
-  slots = min(most, max(multiple, round_up(math.ceil(
-      np.quantile(loads.max(axis=1), rule.quantile) * rule.headroom))))
-  pairs = max(int(loads.sum()), 1)
-  while slots < most and np.maximum(loads - slots, 0).sum() / pairs > rule.max_dropped:
-    slots += multiple
-  if current and (1.0 - rule.tolerance) * current <= slots <= current:
-    slots = current  # too small a saving to pay a recompile for
-  return int(slots), int(tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +140,7 @@ def planned_experts(record: RecordAccumulator, *, min_experts: int, max_experts:
 
 def planned_layout(layout: Layout, records: Mapping[str, RecordAccumulator], *,
                    expert_bounds: Optional[Tuple[int, int]] = None,
-                   capacity_rule: Optional[CapacityRule] = None,
+                   capacity_rule: Optional[capacity_lib.PlanRule] = None,
                    current_slots: Optional[Callable[[int, int], int]] = None) -> Layout:
   """The layout after the boundary that `records` (MoE layer name, e.g. 'layer_1', -> its
   window) will be planned from. expert_bounds: (min_experts, max_experts) to add and
@@ -204,7 +162,8 @@ def planned_layout(layout: Layout, records: Mapping[str, RecordAccumulator], *,
       window_tokens = int(record.step_tokens[0]) if record.step_tokens is not None and len(
           record.step_tokens) else 0
       current = current_slots(block, window_tokens) if current_slots and window_tokens else 0
-      capacity[block], tokens = planned_capacity(record, keep, capacity_rule, current)
+      capacity[block], tokens = capacity_lib.plan_from_loads(
+          record.step_loads, record.step_tokens, keep, capacity_rule, current)
       planned.add(block)
   stale = [i for i, c in enumerate(capacity) if c and i not in planned]
   if stale and tokens != layout.capacity_tokens:

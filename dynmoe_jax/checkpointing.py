@@ -90,42 +90,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(workdir: str, config, sample_inputs):
-  """(model, the newest checkpoint's params as host arrays, its step, its budget's
-  controls for the model's `moe_controls` or None) of the run of `config` in `workdir`,
-  in the layout that checkpoint's meta records. Opens the checkpoints read-only: nothing
-  in `workdir` is written."""
-  import jax
-  from dynmoe_jax import config_lib, sharding
-  from dynmoe_jax.layout import Layout
-  from dynmoe_jax.train import budget as budget_lib
-  from dynmoe_jax.train import state as state_lib
-  # orbax takes absolute paths only; `--workdir` and `init_from` may be relative
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    if not manager.all_steps():
-      raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
-    step = max(manager.all_steps())
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    model = config_lib.build_model(config, Layout.from_meta(meta))
-    budget = budget_lib.from_config(config, model.experts_per_layer)
-    init = state_lib.make_init(model, config_lib.build_optimizer(config), sample_inputs,
-                               budget.initial_controls() if budget else None)
-    abstract = sharding.strip_boxes(jax.eval_shape(init, jax.random.PRNGKey(0)))
-    device = jax.local_devices()[0]
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-        s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-  finally:
-    manager.close()
-  # the params and the budget's controls only: the optimizer state stays off the host
-  state = restored['state']
-  controls = budget.layer_controls(jax.device_get(state.moe_controls)) if budget else None
-  return model, jax.device_get(state.params), step, controls
-
-
 class ModelMismatchError(ValueError):
   """The workdir holds a run that this config cannot resume."""
 

@@ -14,17 +14,20 @@ import ml_collections
 import optax
 
 from dynmoe_jax import layers, routers, sharding
+from dynmoe_jax.budget_settings import BudgetSettings
+from dynmoe_jax.capacity import Capacity
+from dynmoe_jax.settings import SettingsError
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.models import decoder, transformer
 
 ARCHS = ('transformer', 'decoder')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-# Keys of config.model.moe that are layout, not MoE module fields.
-LAYOUT_KEYS = ('num_experts', 'num_experts_per_layer')
+# Keys of config.model.moe that are MoE module fields as they stand.
+MOE_FIELDS = ('hidden_dim', 'dispatch_impl', 'ragged_backend', 'activation', 'glu')
 NEW_EXPERT_INITS = ('fresh', 'copy_nearest')
 # Float fields that 0 turns off as None does: the command line cannot set a float to None.
-ZERO_MEANS_OFF = ('model.moe.budget_error_unit', 'model.moe.budget_horizon')
+ZERO_MEANS_OFF = ('budget.error_unit', 'budget.horizon')
 
 
 class ConfigError(ValueError):
@@ -70,9 +73,35 @@ def experts_layout_indices(config) -> Tuple[int, ...]:
   return tuple(i for i, n in enumerate(experts_layout(config, num_experts=1)) if n)
 
 
+def settings(cls, section, owner: str):
+  """`cls.from_config(section)`, its error a ConfigError naming the config field."""
+  try:
+    return cls.from_config(section, owner)
+  except SettingsError as e:
+    _fail(f'{e.owner}.{e.field}', e.value, e.reason)
+
+
+def router_settings(config) -> routers.RouterSettings:
+  """The settings of the router config.model.moe.router names, under the budget's target
+  where one is set (capacity is sized for it)."""
+  moe = config.model.moe
+  if moe.router not in routers.NAMES:
+    _fail('model.moe.router', moe.router, f'must be one of {routers.NAMES}')
+  spec = routers.get(moe.router)
+  router = settings(spec.settings, moe[spec.name], f'model.moe.{spec.name}')
+  target = config.budget.target_experts_per_token
+  return router if target is None else router.with_budget(target)
+
+
+def budget_settings(config) -> BudgetSettings:
+  return settings(BudgetSettings, config.budget, 'budget')
+
+
 def moe_kwargs(config) -> Dict[str, Any]:
-  """`layers.MoE` fields from config.model.moe (the layout keys apart)."""
-  return {k: v for k, v in config.model.moe.items() if k not in LAYOUT_KEYS}
+  """`layers.MoE` fields from config.model.moe."""
+  moe = config.model.moe
+  return {**{k: moe[k] for k in MOE_FIELDS}, 'router': router_settings(config),
+          'capacity': settings(Capacity, moe.capacity, 'model.moe.capacity')}
 
 
 def build_model(config, layout: Union[None, Layout, Sequence[int]] = None):
@@ -80,11 +109,11 @@ def build_model(config, layout: Union[None, Layout, Sequence[int]] = None):
   `transformer.MoETransformer` or, for model.arch='decoder', a `decoder.DecoderLM`."""
   m = config.model
   layout = Layout.of(layout or experts_layout(config))
-  planned = tuple(layout.planned_capacity(i) for i in range(len(layout.experts)))
+  planned = tuple(layout.capacity_plan(i) for i in range(len(layout.experts)))
   if m.arch == 'decoder':
     return decoder.DecoderLM(
         num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-        experts_per_layer=layout.experts, moe=moe_kwargs(config), planned_capacity=planned,
+        experts_per_layer=layout.experts, moe=moe_kwargs(config), capacity_plans=planned,
         vocab_size=m.vocab_size, shared_expert=m.shared_expert,
         tie_embeddings=m.tie_embeddings, rope_base=m.rope_base, remat=m.remat,
         attention_impl=m.attention_impl, max_len=m.max_len, dtype=DTYPES[m.dtype],
@@ -92,7 +121,7 @@ def build_model(config, layout: Union[None, Layout, Sequence[int]] = None):
   return transformer.MoETransformer(
       task=m.task, stem=m.stem, num_layers=m.num_layers, dim=m.dim, num_heads=m.num_heads,
       mlp_dim=m.mlp_dim, experts_per_layer=layout.experts,
-      planned_capacity=planned,
+      capacity_plans=planned,
       moe=moe_kwargs(config), num_classes=m.num_classes, vocab_size=m.vocab_size,
       max_len=m.max_len, pool=m.pool, stem_kernel=m.stem_kernel, stem_stride=m.stem_stride,
       dropout=m.dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
@@ -146,6 +175,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
 
   m = config.model
   one_of('model.arch', m.arch, ARCHS)
+  one_of('model.moe.router', m.moe.router, routers.NAMES)
   one_of('model.task', m.task, transformer.TASKS)
   one_of('model.stem', m.stem, transformer.STEMS)
   one_of('model.pool', m.pool, transformer.POOLS)
@@ -173,46 +203,28 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('model.task', m.task, f"'lm' goes with data.kind='lm' (data.kind={d.kind!r})")
 
   moe = m.moe
-  one_of('model.moe.router', moe.router, routers.NAMES)
   one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
   one_of('model.moe.ragged_backend', moe.ragged_backend, layers.RAGGED_BACKENDS)
   one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
-  one_of('model.moe.priority', moe.priority, (None,) + layers.PRIORITIES)
   positive_int('model.moe.hidden_dim', moe.hidden_dim)
-  positive_int('model.moe.k', moe.k)
-  positive_float('model.moe.capacity_factor', moe.capacity_factor)
-  positive_float('model.moe.eval_capacity_factor', moe.eval_capacity_factor)
-  positive_int('model.moe.capacity_multiple_of', moe.capacity_multiple_of)
-  if moe.capacity is not None:
-    positive_int('model.moe.capacity', moe.capacity)
-  if moe.group_size is not None:
-    positive_int('model.moe.group_size', moe.group_size)
-  if (m.task == 'lm' and routers.get(moe.router).routes_across_tokens and
-      not m.noncausal_routing):
+  for name, spec in routers.REGISTRY.items():  # every section, the unused ones too
+    settings(spec.settings, moe[name], f'model.moe.{name}')
+  kwargs = moe_kwargs(config)
+  router, capacity = kwargs['router'], kwargs['capacity']
+  spec = routers.get(moe.router)
+  if (m.task == 'lm' and spec.routes_across_tokens and not m.noncausal_routing):
     _fail('model.moe.router', moe.router, "lets a token's experts depend on later tokens of "
           'its routing group in a causal LM (each expert takes its top tokens over the '
           'group); set model.noncausal_routing=True to accept that')
-  if not (isinstance(moe.p, (int, float)) and 0.0 < moe.p <= 1.0):
-    _fail('model.moe.p', moe.p, 'must be in (0, 1]')
-  if moe.expected_k is not None:
-    positive_float('model.moe.expected_k', moe.expected_k)
-  positive_float('model.moe.top_any_scale', moe.top_any_scale)
-  if moe.top_any_learned_scale and not (isinstance(moe.top_any_max_scale, (int, float))
-                                        and moe.top_any_max_scale >= moe.top_any_scale):
-    _fail('model.moe.top_any_max_scale', moe.top_any_max_scale,
-          f'must be a number >= model.moe.top_any_scale={moe.top_any_scale} (the cap of the '
-          'learned temperature)')
-  for field in ZERO_MEANS_OFF:
-    value = get_field(config, field)
-    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-      _fail(field, value, 'must be a number >= 0 (0 or None: off)')
-  if not (isinstance(moe.budget_rate, (int, float)) and moe.budget_rate > 1.0):
-    _fail('model.moe.budget_rate', moe.budget_rate, 'must be a number > 1')
-  for name in ('diversity_weight', 'simplicity_weight', 'load_balance_weight',
-               'efficiency_weight', 'gshard_balance_weight', 'z_loss_weight',
-               'entropy_weight'):
-    if moe[name] < 0:
-      _fail(f'model.moe.{name}', moe[name], 'must be >= 0')
+  budget = budget_settings(config)
+  if budget.enabled and spec.budget_control is None:
+    _fail('budget.target_experts_per_token', budget.target_experts_per_token,
+          f'is for routers with a compute budget '
+          f'({[n for n, s in routers.REGISTRY.items() if s.budget_control]}), not '
+          f'{moe.router!r}')
+  if budget.two_sided and spec.budget_control_raises_k:
+    _fail('budget.two_sided', True, f'is for a budget that prices experts (a loss weight); '
+          f'router {moe.router!r} adapts {spec.budget_control!r}, which moves both ways')
   layout = experts_layout(config)
   moe_blocks = experts_layout_indices(config)
   counts = tuple(moe.num_experts_per_layer) or (moe.num_experts,)
@@ -222,8 +234,13 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
           f"must be >= 1 for each MoE block {moe_blocks}; for a dense model set "
           f"model.moe_layers='none'")
   for i, n in enumerate(layout):
-    for field, message in (routers.check(moe, n) if n else ()):
-      _fail(f'model.moe.{field}', moe[field], f'{message} of layer {i} (router={moe.router!r})')
+    for field, message in (routers.check(router, capacity, n) if n else ()):
+      owner, value = (('model.moe', get_field(moe, field)) if field.startswith('capacity.')
+                      else (f'model.moe.{moe.router}', getattr(router, field)))
+      _fail(f'{owner}.{field}', value, f'{message} (layer {i}: {n} experts)')
+    if n and budget.enabled and not budget.target_experts_per_token <= n:
+      _fail('budget.target_experts_per_token', budget.target_experts_per_token,
+            f'must be <= the {n} experts of layer {i}')
 
   o = config.optimizer
   positive_float('optimizer.learning_rate', o.learning_rate)
@@ -234,9 +251,9 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     _fail('optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
 
   a = config.adaptive
-  if a.capacity and moe.capacity is not None:
+  if a.capacity and capacity.slots is not None:
     _fail('adaptive.capacity', True, f're-plans the slots per expert that '
-          f'model.moe.capacity={moe.capacity} fixes: set one')
+          f'model.moe.capacity.slots={capacity.slots} fixes: set one')
   if a.enabled or a.capacity:
     positive_int('adaptive.every', a.every)
     positive_int('adaptive.record_steps', a.record_steps)
@@ -250,7 +267,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
       _fail('adaptive.enabled' if a.enabled else 'adaptive.capacity', True,
             'needs at least one MoE layer (model.moe_layers)')
   if a.capacity:
-    if routers.get(moe.router).fixed_capacity is not None:
+    if router.fixed_slots(1, 1) is not None:
       _fail('adaptive.capacity', True, f'router {moe.router!r} fixes its own capacity')
     if not 0.0 < a.capacity_quantile <= 1.0:
       _fail('adaptive.capacity_quantile', a.capacity_quantile, 'must be in (0, 1]')

@@ -1,8 +1,19 @@
 """Every config field with its default. Files under configs/ start from
 `base_config()` and override; `--config.a.b=value` overrides either. Nothing the
 trainer reads has a default anywhere else."""
+import dataclasses
+import typing
+
 import ml_collections
 from ml_collections.config_dict import FieldReference, placeholder
+
+from dynmoe_jax import routers
+from dynmoe_jax.budget_settings import BudgetSettings
+from dynmoe_jax.capacity import Capacity
+
+# The layout of the config: 1 (flat model.moe, until 2026-12) had every router's field and
+# the budget's in model.moe; 2 nests them (train.compat migrates saved runs).
+CONFIG_VERSION = 2
 
 
 def optional(field_type, default):
@@ -10,8 +21,26 @@ def optional(field_type, default):
   return FieldReference(default, field_type=field_type)
 
 
+def section(settings_class, exclude=()) -> ml_collections.ConfigDict:
+  """A config section holding a settings class's fields at their defaults (an Optional
+  field is typed, so the command line can set it)."""
+  hints = typing.get_type_hints(settings_class)
+  out = ml_collections.ConfigDict()
+  for field in dataclasses.fields(settings_class):
+    if field.name in exclude:
+      continue
+    kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
+    if type(None) in typing.get_args(hints[field.name]):
+      out[field.name] = (placeholder(kinds[0]) if field.default is None
+                         else optional(kinds[0], field.default))
+    else:
+      out[field.name] = field.default
+  return out
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.config_version = CONFIG_VERSION
   c.seed = 0
   c.num_train_steps = 3000
   c.batch_size = 128
@@ -81,49 +110,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe.num_experts_per_layer = ()  # one count per MoE block; overrides num_experts
   c.model.moe.hidden_dim = 64
   c.model.moe.router = 'top_any'       # top_any | top_k | top_p | adaptive_k | expert_choice
-  c.model.moe.k = 2
-  c.model.moe.p = 0.4
-  c.model.moe.max_k = placeholder(int)
-  c.model.moe.expected_k = placeholder(float)
-  c.model.moe.capacity_factor = 2.0
-  c.model.moe.eval_capacity_factor = 4.0
-  c.model.moe.capacity_multiple_of = 8
-  c.model.moe.capacity = placeholder(int)  # slots per expert, as given: overrides the factors
-  c.model.moe.group_size = placeholder(int)  # tokens per routing group; None: one per call
   c.model.moe.dispatch_impl = 'sort'   # sort | einsum | ragged | shard_map_a2a | all_experts_reference
   # ragged's grouped matmul: auto (megablox on TPU, Pallas Triton on GPU, XLA elsewhere) |
   # xla | megablox | pallas_triton | tokamax
   c.model.moe.ragged_backend = 'auto'
-  c.model.moe.priority = placeholder(str)  # None: the router's (top_k: gshard, others: score)
   c.model.moe.activation = 'gelu'
   c.model.moe.glu = False
-  c.model.moe.normalize_top_k = placeholder(bool)  # None: for k >= 2 only (k = 1: Switch's raw p)
-  c.model.moe.top_any_scale = 1.0         # temperature (its initial value when learned)
-  c.model.moe.top_any_learned_scale = False  # True: learned in log space (reference: init 10)
-  c.model.moe.top_any_max_scale = 100.0      # cap of a learned temperature
-  # True: in training too, a token whose scores all fall below the thresholds takes its
-  # top-1 expert (as in evaluation), so a layer cannot die; see routing.top_any.
-  c.model.moe.top_any_train_fallback = False
-  c.model.moe.top_any_differentiable_normalization = False  # True: the reference's Tutel variant
-  c.model.moe.diversity_weight = 0.01
-  c.model.moe.simplicity_weight = 0.01
-  c.model.moe.load_balance_weight = 0.01  # top-any too: over tokens with an expert
-  c.model.moe.efficiency_weight = 0.01    # top-any: mean K / E (the reference's 2025 term)
-  c.model.moe.gshard_balance_weight = 0.0  # top-any: GShard's loss on the binary scores
-  # Compute budget: experts per token to hold (None = off). Capacity is sized for it and
-  # the efficiency weight becomes a per-layer controller (train.budget).
-  c.model.moe.target_experts_per_token = placeholder(float)
-  c.model.moe.budget_rate = 1.05
-  c.model.moe.budget_two_sided = False  # True: below the target the weight turns negative
-  # u: each update is budget_rate to the power of the relative error |K - target| / target
-  # over u (at most 5); 0 or None: one budget_rate step whatever the error (ReMoE's rule)
-  c.model.moe.budget_error_unit = optional(float, 0.1)
-  # H: act on the count H steps ahead at its smoothed trend (a proportional term that stops
-  # the price winding up while the count already falls); 0 or None: on this step's count.
-  # Both 0: the first controller, as the earlier budget figures of docs/results.md were measured.
-  c.model.moe.budget_horizon = optional(float, 20.0)
-  c.model.moe.z_loss_weight = 1e-3
-  c.model.moe.entropy_weight = 1e-4
+  # Slots per expert and routing groups: the fields of capacity.Capacity (a re-planned
+  # capacity comes from the layout, not the config).
+  c.model.moe.capacity = section(Capacity, exclude=('planned',))
+  # Each router's settings under its name, the fields of its settings class
+  # (dynmoe_jax/routers/<name>.py); the layer uses the section `router` names.
+  for name, spec in routers.REGISTRY.items():
+    c.model.moe[name] = section(spec.settings)
+
+  # A compute budget: experts per token held at a target (budget_settings.BudgetSettings).
+  c.budget = section(BudgetSettings)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3

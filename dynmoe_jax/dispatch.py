@@ -21,8 +21,7 @@ token index in every implementation, so 'sort' and 'einsum' drop the same pairs.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import chex
 import flax.struct
@@ -30,36 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from dynmoe_jax.routing import per_group, upcast
-
-
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
-                    expected_k: float, multiple_of: int = 8) -> int:
-  """Slots per expert: ceil(capacity_factor * T * expected_k / E), rounded up to
-  `multiple_of` and never more than T rounded up (an expert cannot get more tokens)."""
-  if capacity_factor <= 0:
-    raise ValueError(f'capacity_factor must be > 0, got {capacity_factor}')
-  if expected_k <= 0:
-    raise ValueError(f'expected_k must be > 0, got {expected_k}')
-  if num_tokens < 1 or num_experts < 1 or multiple_of < 1:
-    raise ValueError(f'expert_capacity: num_tokens={num_tokens}, num_experts={num_experts}, '
-                     f'multiple_of={multiple_of} must all be >= 1')
-  round_up = lambda n: multiple_of * math.ceil(n / multiple_of)
-  capacity = round_up(math.ceil(capacity_factor * num_tokens * expected_k / num_experts))
-  return max(multiple_of, min(capacity, round_up(num_tokens)))
-
-
-def scaled_capacity(planned: Tuple[int, int], num_tokens: int, multiple_of: int = 8,
-                    factor: float = 1.0) -> int:
-  """Slots per expert for `num_tokens` tokens from a capacity planned as `slots` for
-  `tokens` tokens: ceil(slots·num_tokens/tokens) (exact integer arithmetic, so the planned
-  call gets exactly `slots`), times `factor` (> 1 for evaluation), rounded up to
-  `multiple_of`, never more than num_tokens rounded up."""
-  slots, tokens = planned
-  round_up = lambda n: multiple_of * -(-n // multiple_of)
-  capacity = -(-slots * num_tokens // tokens)
-  if factor != 1.0:
-    capacity = math.ceil(capacity * factor)
-  return max(multiple_of, min(round_up(capacity), round_up(num_tokens)))
 
 
 def _accumulator(weights: jax.Array, outputs: jax.Array):

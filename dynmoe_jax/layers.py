@@ -7,7 +7,7 @@ no router- or dispatch-specific branch: both are looked up by name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Union
 
 import chex
 import flax.linen as nn
@@ -15,14 +15,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dynmoe_jax import capacity as capacity_lib
 from dynmoe_jax import experts, grouped_matmul, routers, routing
+from dynmoe_jax.capacity import Capacity
 
 ROUTERS = routers.NAMES
 DISPATCH_IMPLS = tuple(experts.PATHS)
 RAGGED_BACKENDS = grouped_matmul.BACKENDS
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': nn.gelu, 'relu': nn.relu, 'silu': nn.silu, 'swish': nn.swish}
-PRIORITIES = ('score', 'index', 'gshard', 'batch')
 
 
 @flax.struct.dataclass
@@ -58,110 +59,42 @@ class MoE(nn.Module):
   Attributes:
     num_experts: E.
     hidden_dim: F, hidden width of each expert.
-    router: a name in `routers.REGISTRY` (ROUTERS).
-    k: experts per token. 'top_k': exactly k. 'expert_choice': k on average (each
-      expert takes ceil(T·k/E) tokens). 'adaptive_k': the largest K when max_k is
-      unset. Dynamic routers: the experts per token capacity is sized for, unless
-      `expected_k` is set.
-    p: top-p threshold in (0, 1].
-    max_k: cap on experts per token for 'top_p' and 'top_any' (None = E: the pair list
-      the sort and ragged paths build is T·max_k long) and the largest K for
-      'adaptive_k' (None = k).
-    expected_k: experts per token assumed when sizing capacity (None: the router's
-      default, see `routers.RouterSpec.expected_k`).
-    capacity_factor / eval_capacity_factor: slots per expert relative to the
-      expected load, in training / evaluation.
-    capacity_multiple_of: capacity is rounded up to a multiple of this.
-    capacity: slots per expert, exactly as given (no factor, no rounding to
-      capacity_multiple_of), in training and evaluation, for each call, or under
-      shard_map_a2a for each token shard, which routes apart. None: the factor rule.
-    group_size: tokens per routing group (GShard, flaxformer, V-MoE): capacity, drops,
-      priority, expert choice and the auxiliary losses (averaged over groups) are per
-      group of this many consecutive tokens; a call's token count (a shard's, under
-      shard_map_a2a) must divide into groups. None: one group per call.
-    planned_capacity: (slots, tokens): capacity re-planned from recorded routing (the
-      trainer's `adaptive.capacity`): `slots` per expert for a training call of `tokens`
-      tokens, replacing the capacity-factor rule. A call (or a device's shard) of n tokens
-      gets ceil(slots·n/tokens) slots in training and eval_capacity_factor/capacity_factor
-      times that in evaluation, rounded up to capacity_multiple_of. None: the rule.
+    router: a router's settings object (`routers.TopAny(scale=10.0)`, `routers.TopK(k=1)`,
+      ...: its own fields and loss weights), or a name in `routers.NAMES` for that
+      router's defaults.
+    capacity: `capacity.Capacity`: slots per expert (factor rule, explicit slots or a
+      re-planned capacity) and routing groups.
     dispatch_impl: a name in `experts.PATHS` (DISPATCH_IMPLS).
     ragged_backend: the grouped matmul of dispatch_impl='ragged', a name in
       `grouped_matmul.BACKENDS`: 'auto' (megablox on TPU, the Pallas Triton kernel on
       GPU, XLA elsewhere, chosen by the platform the step is lowered for), 'xla',
       'megablox', 'pallas_triton' or 'tokamax'.
-    priority: which pairs an overflowing expert keeps: 'score' the most confident,
-      'index' the earlier tokens, 'gshard' every first choice before any second choice,
-      each by token index, 'batch' the same with each choice by the token's top-1 score
-      (V-MoE's batch priority; see routing.choice_priority). None: the router's default
-      ('gshard' for top_k, as flaxformer and V-MoE; 'score' for the others).
     activation: key of ACTIVATIONS. glu: gated FFN act(x·wi) * (x·wi_gate).
     dtype: compute dtype of the expert FFNs (routing is at least float32).
     param_dtype: parameter dtype.
-    normalize_top_k: renormalise top-k weights to sum to 1; None: only for k >= 2 (at k = 1
-      the raw probability, as Switch: see routing.top_k).
-    top_any_scale: temperature of top-any's cosine scores and thresholds (it changes the
-      gradients, not which experts are active); with `top_any_learned_scale` its initial
-      value, learned in log space and capped at `top_any_max_scale` (the reference's
-      gated_multi_gate_t: 10, capped at 100).
-    top_any_train_fallback: tokens with no active expert take their top-1 by score in
-      training too, not only in evaluation (`routing.top_any`).
-    top_any_differentiable_normalization: combine weights 1/K with the gradient of the
-      normalisation (the reference's Tutel variant); False: K a constant (its DeepSpeed
-      variant). Forward values are the same.
-    target_experts_per_token: a compute budget (routers whose spec has a
-      budget_control): capacity is sized for it, and the trainer adapts the control every
-      step (multiplied or divided by budget_rate) so the mean experts per token meets it:
-      top-any's efficiency-loss weight, top-p's p; `budget_two_sided` lets top-any's
-      weight turn negative below the target, and
-      `budget_error_unit` scales each update with the error and `budget_horizon` acts
-      on the count predicted that many steps ahead (train.budget).
-    *_weight: auxiliary loss weights; a loss whose weight is 0 is not computed.
-      Top-any: diversity, simplicity, load_balance (over tokens with an expert) and
-      efficiency (mean K / E), the reference's four terms, and optionally gshard_balance
-      (GShard's loss on the binary scores, off by default); the others: load_balance,
-      z_loss (and entropy for top-p). See `routers.REGISTRY`.
-  The defaults are those of `default_config.base_config().model.moe`.
+  Defaults live in the settings classes; docs/guide.md, "The layer", lists them.
   """
   num_experts: int
   hidden_dim: int
-  router: str = 'top_any'
-  k: int = 2
-  p: float = 0.4
-  max_k: Optional[int] = None
-  expected_k: Optional[float] = None
-  capacity_factor: float = 2.0
-  eval_capacity_factor: float = 4.0
-  capacity_multiple_of: int = 8
-  capacity: Optional[int] = None
-  group_size: Optional[int] = None
-  planned_capacity: Optional[Tuple[int, int]] = None
+  router: Union[str, routers.RouterSettings] = 'top_any'
+  capacity: Capacity = Capacity()
   dispatch_impl: str = 'sort'
   ragged_backend: str = 'auto'
-  priority: Optional[str] = None
   activation: str = 'gelu'
   glu: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  normalize_top_k: Optional[bool] = None
-  top_any_scale: float = 1.0
-  top_any_learned_scale: bool = False
-  top_any_max_scale: float = 100.0
-  top_any_train_fallback: bool = False
-  top_any_differentiable_normalization: bool = False
-  diversity_weight: float = 0.01
-  simplicity_weight: float = 0.01
-  load_balance_weight: float = 0.01
-  efficiency_weight: float = 0.01
-  gshard_balance_weight: float = 0.0
-  z_loss_weight: float = 1e-3
-  target_experts_per_token: Optional[float] = None
-  budget_rate: float = 1.05
-  budget_two_sided: bool = False
-  budget_error_unit: Optional[float] = 0.1
-  budget_horizon: Optional[float] = 20.0
-  entropy_weight: float = 1e-4
   kernel_init: Callable[..., jax.Array] = stacked_kernel_init()
   router_init: Callable[..., jax.Array] = nn.initializers.normal(0.02)
+
+  @property
+  def spec(self) -> routers.RouterSpec:
+    return routers.resolve(self.router)[0]
+
+  @property
+  def settings(self) -> routers.RouterSettings:
+    """The router's settings (its defaults where `router` is a name)."""
+    return routers.resolve(self.router)[1]
 
   def _validate(self):
     E = self.num_experts
@@ -169,44 +102,20 @@ class MoE(nn.Module):
       raise ValueError(f'MoE.num_experts must be an int >= 1, got {E!r}')
     if self.hidden_dim < 1:
       raise ValueError(f'MoE.hidden_dim must be >= 1, got {self.hidden_dim}')
-    if self.router not in ROUTERS:
-      raise ValueError(f'MoE.router={self.router!r} is not one of {ROUTERS}')
-    if self.dispatch_impl not in DISPATCH_IMPLS:
-      raise ValueError(f'MoE.dispatch_impl={self.dispatch_impl!r} is not one of {DISPATCH_IMPLS}')
-    if self.ragged_backend not in RAGGED_BACKENDS:
-      raise ValueError(f'MoE.ragged_backend={self.ragged_backend!r} is not one of '
-                       f'{RAGGED_BACKENDS}')
-    for field, message in routers.check(self, E):
-      raise ValueError(f'MoE.{field}={getattr(self, field)!r} {message} '
-                       f'(router={self.router!r}, num_experts={E})')
-    if not 0.0 < self.p <= 1.0:
-      raise ValueError(f'MoE.p={self.p} must be in (0, 1]')
-    for name in ('capacity_factor', 'eval_capacity_factor'):
-      if getattr(self, name) <= 0:
-        raise ValueError(f'MoE.{name} must be > 0, got {getattr(self, name)}')
-    if self.planned_capacity is not None and (
-        len(self.planned_capacity) != 2 or min(self.planned_capacity) < 1):
-      raise ValueError(f'MoE.planned_capacity must be (slots >= 1, tokens >= 1), got '
-                       f'{self.planned_capacity!r}')
-    if self.capacity is not None:
-      if not isinstance(self.capacity, int) or isinstance(self.capacity, bool) or \
-          self.capacity < 1:
-        raise ValueError(f'MoE.capacity must be an int >= 1 (slots per expert), got '
-                         f'{self.capacity!r}')
-      if self.planned_capacity is not None:
-        raise ValueError(f'MoE.capacity={self.capacity} fixes the slots per expert and '
-                         f'planned_capacity={self.planned_capacity} re-plans them: set one')
-    if self.group_size is not None and (not isinstance(self.group_size, int) or
-                                        isinstance(self.group_size, bool) or
-                                        self.group_size < 1):
-      raise ValueError(f'MoE.group_size must be an int >= 1 (tokens per routing group), got '
-                       f'{self.group_size!r}')
-    if self.expected_k is not None and self.expected_k <= 0:
-      raise ValueError(f'MoE.expected_k must be > 0, got {self.expected_k}')
-    if self.priority is not None and self.priority not in PRIORITIES:
-      raise ValueError(f'MoE.priority must be one of {PRIORITIES}, got {self.priority!r}')
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'MoE.activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}')
+    routers.resolve(self.router)
+    if not isinstance(self.capacity, Capacity):
+      raise ValueError(f'MoE.capacity must be a capacity.Capacity, got {self.capacity!r}')
+    for name, value, allowed in (('dispatch_impl', self.dispatch_impl, DISPATCH_IMPLS),
+                                 ('ragged_backend', self.ragged_backend, RAGGED_BACKENDS),
+                                 ('activation', self.activation, tuple(ACTIVATIONS))):
+      if value not in allowed:
+        raise ValueError(f'MoE.{name}={value!r} is not one of {allowed}')
+    for field, message in routers.check(self.router, self.capacity, E):
+      on_capacity = field.startswith('capacity.')
+      owner = 'MoE' if on_capacity else type(self.settings).__name__
+      value = (getattr(self.capacity, field.split('.', 1)[1]) if on_capacity
+               else getattr(self.settings, field))
+      raise ValueError(f'{owner}.{field}={value!r} {message} (num_experts={E})')
 
   def _param(self, name, init, shape, axes):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
@@ -218,26 +127,29 @@ class MoE(nn.Module):
         raise ValueError(f'MoE: input last dimension {width} != model width {expected} '
                          'the layer was initialised with')
 
-  def _priority(self, route, spec) -> Optional[jax.Array]:
-    order = self.priority or spec.default_priority
+  def _priority(self, route) -> Optional[jax.Array]:
+    order = getattr(self.settings, 'priority', 'score')
     if order == 'score':
       return route.scores
     if order == 'index':
       return None
     order_of = lambda scores, mask: routing.choice_priority(scores, mask, order)
-    return routing.per_group(order_of, self.group_size)(route.scores, route.mask)
+    return routing.per_group(order_of, self.capacity.group_size)(route.scores, route.mask)
 
   def _aux_loss(self, route, logits, router_params, controls):
     """The router's auxiliary losses and their metrics, averaged over routing groups."""
-    losses = lambda r, l: routers.aux_loss(self, r, l, router_params, controls)
-    if self.group_size is None:
+    settings = self.settings
+    losses = lambda r, l: routers.aux_loss(settings, r, l, router_params, controls)
+    if self.capacity.group_size is None:
       return losses(route, logits)
-    total, metrics = routing.per_group(losses, self.group_size, stacked=True)(route, logits)
+    total, metrics = routing.per_group(losses, self.capacity.group_size, stacked=True)(
+        route, logits)
     return total.mean(), {k: v.mean() for k, v in metrics.items()}
 
   def slots_per_expert(self, num_tokens: int, training: bool) -> int:
-    """Slots per expert for a call of `num_tokens` tokens (a Python int)."""
-    return routers.capacity(self, num_tokens, self.num_experts, training)
+    """Slots per expert for a group of `num_tokens` tokens (a Python int)."""
+    return capacity_lib.slots_per_expert(self.capacity, self.settings, num_tokens,
+                                     self.num_experts, training)
 
   def _experts(self, width: int) -> experts.ExpertFFN:
     E, F = self.num_experts, self.hidden_dim
@@ -271,14 +183,15 @@ class MoE(nn.Module):
         chex.assert_shape(value, lead_shape, custom_message=f'MoE {name}')
     tokens = x.reshape(-1, width)
     valid = None if token_mask is None else token_mask.reshape(-1).astype(jnp.bool_)
-    spec = routers.get(self.router)
-    if self.group_size is not None and tokens.shape[0] % self.group_size:
+    spec, settings = routers.resolve(self.router)
+    group_size = self.capacity.group_size
+    if group_size is not None and tokens.shape[0] % group_size:
       raise ValueError(f'MoE: {tokens.shape[0]} tokens do not split into routing groups of '
-                       f'group_size={self.group_size}')
+                       f'capacity.group_size={group_size}')
 
     with jax.named_scope('router'):
-      route, logits, router_params = spec.route(self, tokens, training, token_importance,
-                                                  controls or {})
+      route, logits, router_params = spec.route(self, settings, tokens, training,
+                                                  token_importance, controls or {})
     if valid is not None:
       route = routing.mask_tokens(route, valid)
     ffn = self._experts(width)
@@ -288,10 +201,10 @@ class MoE(nn.Module):
       impl = 'sort'  # same parameters; init runs on one example that need not split over a mesh
     routed = experts.Routed(
         tokens=tokens.astype(self.dtype), route=route,
-        priority=self._priority(route, spec),
-        max_k=spec.pairs_per_token(self),
+        priority=self._priority(route),
+        max_k=settings.pairs_per_token(),
         capacity=lambda num_tokens: self.slots_per_expert(num_tokens, training),
-        group_size=self.group_size)
+        group_size=group_size)
     computed = experts.PATHS[impl](routed, ffn)
     y = computed.output
 

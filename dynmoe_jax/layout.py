@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 class Layout:
   """experts: experts per block, 0 = dense.
   capacity: per block, slots per expert planned for a training step of
-    `capacity_tokens` tokens (other token counts scale it, see `layers.MoE.planned_capacity`);
+    `capacity_tokens` tokens (other token counts scale it, see `capacity.Capacity.planned`);
     0 = the router's capacity rule. Empty = 0 everywhere.
   """
   experts: Tuple[int, ...]
@@ -41,7 +41,7 @@ class Layout:
     """A Layout, or experts per block (the router's capacity rule everywhere)."""
     return value if isinstance(value, Layout) else cls(tuple(value))
 
-  def planned_capacity(self, block: int) -> Optional[Tuple[int, int]]:
+  def capacity_plan(self, block: int) -> Optional[Tuple[int, int]]:
     """(slots, tokens) of block `block`, or None for the router's rule."""
     return (self.capacity[block], self.capacity_tokens) if self.capacity[block] else None
 

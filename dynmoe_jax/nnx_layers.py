@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import bridge
 
-from dynmoe_jax import layers, routers
+from dynmoe_jax import layers
 
 
 class MoE(nnx.Module):
@@ -42,7 +42,7 @@ class MoE(nnx.Module):
           example, training=False, token_importance=importance)
 
   def _needs_importance(self) -> bool:
-    return routers.get(self.settings.router).needs_token_importance
+    return self.settings.spec.needs_token_importance
 
   def __call__(self, x: jax.Array, *, training: bool = False,
                token_mask: Optional[jax.Array] = None,

@@ -7,7 +7,6 @@ decisions flip on ties and rounding), is safe under jit/vmap/grad, and returns
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Union
 
 import chex
@@ -156,6 +155,11 @@ def per_group(fn: Callable, group_size: Optional[int], stacked: bool = False) ->
       return out
     return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), out)
   return grouped
+
+
+# Which pairs an overflowing expert keeps: 'score' the most confident, 'index' the earlier
+# tokens, 'gshard' and 'batch' the peers' choice-major orders (choice_priority).
+PRIORITIES = ('score', 'index', 'gshard', 'batch')
 
 
 def choice_priority(scores: jax.Array, mask: jax.Array, order: str) -> jax.Array:
@@ -315,7 +319,3 @@ def expert_choice(logits: jax.Array, capacity: int) -> RouterOutput:
   mask = _mask_from_indices(token_idx, jnp.ones_like(token_idx, jnp.bool_), num_tokens).T
   return _output(mask, probs, probs)
 
-
-def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-  """Tokens each expert takes in expert choice: ceil(capacity_factor * T / E), at most T."""
-  return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts)))

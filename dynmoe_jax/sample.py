@@ -9,16 +9,19 @@ token's per-layer counts. The run in `--workdir` is only read.
 """
 from __future__ import annotations
 
+import argparse
 import html
-import os
 import sys
 from typing import List, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging as absl_logging
 
 from dynmoe_jax import names
+from dynmoe_jax.train import compat
 
 PAD = 0  # byte b is token b + 1
 
@@ -81,9 +84,6 @@ def generate(model, params, prompt: np.ndarray, max_new: int, *, temperature: fl
 def restore(workdir: str):
   """(decode-mode model, params, budget controls or None) of the newest checkpoint in
   `workdir`."""
-  from dynmoe_jax import checkpointing
-  from dynmoe_jax.train import compat
-  import ml_collections
   saved = compat.saved_config(workdir)
   if saved is None:
     raise FileNotFoundError(f'{workdir} holds no run (no checkpoint, no config.json)')
@@ -93,7 +93,7 @@ def restore(workdir: str):
                      f'{config.model.arch!r}')
   config.model.remat = 'none'
   sample = np.ones((1, config.data.seq_len), np.int32)
-  model, params, _, controls = checkpointing.restore_params(workdir, config, sample)
+  model, params, _, controls = compat.restore_params(workdir, config, sample)
   return model.clone(decode=True), params, controls
 
 
@@ -139,7 +139,6 @@ def render(tokens: np.ndarray, experts: np.ndarray, prompt_len: int,
 
 
 def main(argv=None):
-  import argparse
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--prompt', default='def ')
@@ -151,7 +150,6 @@ def main(argv=None):
   parser.add_argument('--colour', choices=('auto', 'always', 'never'), default='auto',
                       help='ANSI colours: auto = only when stdout is a terminal')
   args = parser.parse_args(argv)
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on read-only checkpoints
   try:
     model, params, controls = restore(args.workdir)

@@ -5,8 +5,9 @@ Every expert of an MoE block starts as a copy of that block's dense FFN; attenti
 norms, stem and head are copied. Logit routers (top-k, top-p, DA-MoE) keep their
 small random init. Top-any's gate embeddings are the spherical k-means centroids of
 the dense model's FFN inputs at that block, and its thresholds are set so that the
-mean number of active experts on those inputs is the target (model.moe.k, or the
-budget model.moe.target_experts_per_token).
+mean number of active experts on those inputs is the target (the experts per token
+top-any's capacity is sized for: model.moe.top_any.expected_k, or the budget's
+budget.target_experts_per_token).
 
 Why the upcycled model computes what the dense model did (before any noise): its
 experts are identical, so its MoE output is sum_e w_e FFN(x) = FFN(x) whenever a
@@ -21,29 +22,17 @@ output is then an unbiased estimate of the dense FFN under uniform expert choice
 not equal to it.
 
 `upcycle_params` is the library function for users with their own loops;
-`from_checkpoint` is what `--config.init_from=DIR` runs.
+`train.init_from.from_checkpoint` is what `--config.init_from=DIR` runs.
 """
 from __future__ import annotations
 
-import logging
-import os
-import time
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
-from dynmoe_jax import checkpointing, config_lib, layers, names, routers
-from dynmoe_jax.train import compat, steps
+from dynmoe_jax import layers, names, routers
 
-log = logging.getLogger('dynmoe_jax')
-
-# Fields that make a dense checkpoint fit an MoE config: everything but the FFNs.
-MATCHING_FIELDS = ('model.arch', 'model.task', 'model.stem', 'model.num_layers', 'model.dim',
-                   'model.num_heads', 'model.num_classes', 'model.vocab_size', 'model.max_len',
-                   'model.pool', 'model.stem_kernel', 'model.stem_stride', 'model.param_dtype',
-                   'model.ffn_bias', 'data.kind')
 DENSE_ACTIVATION = 'gelu'  # the dense FFN's activation (models.transformer.Block)
 
 
@@ -104,8 +93,8 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
   dense_params: a dense `MoETransformer`'s params (no FFN biases: experts have none).
   moe_params: a fresh init of the MoE model (`model.init(...)['params']`, unboxed): it
     gives the shapes and the logit routers' init.
-  moe_settings: the MoE fields (config.model.moe or a dict): router, k,
-    target_experts_per_token, hidden_dim, activation, glu.
+  moe_settings: `layers.MoE` fields (`config_lib.moe_kwargs(config)`): router (a name or
+    settings object), activation, glu; absent ones take the layer's defaults.
   router_inputs: {MoE block name: [N, D] dense FFN inputs at that block}, for routers
     whose gates are set from data (top-any; see `router_inputs`).
   partition / noise / seed: see the module docstring; noise is the std of Gaussian
@@ -114,19 +103,17 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
   dense_params = jax.device_get(dense_params)
   moe_params = jax.device_get(moe_params)
   # Fields the caller leaves out take `layers.MoE`'s defaults.
-  settings = ml_collections.ConfigDict({
-      **{name: getattr(layers.MoE, name) for name in (
-          'router', 'k', 'target_experts_per_token', 'activation', 'glu')},
-      **dict(moe_settings)})
-  spec = routers.get(settings.router)
-  if settings.activation != DENSE_ACTIVATION or settings.glu:
-    field = 'glu' if settings.glu else 'activation'
+  settings = {**{name: getattr(layers.MoE, name) for name in ('router', 'activation', 'glu')},
+              **dict(moe_settings)}
+  spec, router = routers.resolve(settings['router'])
+  if settings['activation'] != DENSE_ACTIVATION or settings['glu']:
+    field = 'glu' if settings['glu'] else 'activation'
     raise UpcycleError(f'model.moe.{field}={settings[field]!r}: experts copied from a dense '
                        f'FFN must be ungated {DENSE_ACTIVATION!r} FFNs like it')
-  target_k = float(settings.target_experts_per_token or settings.k)
+  target_k = float(router.capacity_k())
   rng = np.random.default_rng(seed)
-  moe_blocks = _moe_blocks(moe_params)
-  for name in moe_blocks:
+  blocks = moe_blocks(moe_params)
+  for name in blocks:
     block = dense_params.get(name, {})
     if any('bias' in block.get(part, {}) for part in ('wi', 'wo')):
       raise UpcycleError(f'the dense FFN of {name} has biases, which experts do not: train '
@@ -135,7 +122,7 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
   for name, fresh in moe_params.items():
     if name not in dense_params:
       raise UpcycleError(f'the dense params have no {name!r}')
-    if name not in moe_blocks:
+    if name not in blocks:
       _check_same_shapes(name, dense_params[name], fresh)
       out[name] = dense_params[name]
       continue
@@ -155,7 +142,7 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
         hidden, partition, noise, rng)
     if spec.upcycle_router is not None:
       if router_inputs is None or name not in router_inputs:
-        raise UpcycleError(f'router {settings.router!r} sets its gates from the dense '
+        raise UpcycleError(f'router {spec.name!r} sets its gates from the dense '
                            f"model's FFN inputs: pass router_inputs[{name!r}]")
       kmeans = lambda x, k: spherical_kmeans(x, k, iterations=kmeans_iterations, seed=seed)
       moe.update(spec.upcycle_router(
@@ -168,7 +155,7 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
   return out
 
 
-def _moe_blocks(params: Mapping[str, Any]) -> list:
+def moe_blocks(params: Mapping[str, Any]) -> list:
   """Names of the blocks of `params` that hold an MoE module, in block order."""
   return sorted((name for name, p in params.items() if isinstance(p, Mapping) and 'moe' in p),
                 key=names.layer_index)
@@ -205,59 +192,3 @@ def router_inputs(dense_model, dense_params, batches: Iterable[Any],
       flat = np.asarray(got[b], np.float64).reshape(-1, got[b].shape[-1])
       collected[b].append(flat if keep is None else flat[keep])
   return {b: np.concatenate(v) for b, v in collected.items()}
-
-
-# ----------------------------------------------------------------------------- from a workdir
-
-
-def dense_config(workdir: str, config) -> ml_collections.ConfigDict:
-  """The config of the dense run in `workdir`, after checking that it can start `config`."""
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
-    raise UpcycleError(f'config.init_from={workdir!r} holds no checkpoint (expected '
-                       f'{checkpoints}/<step>)')
-  if config.model.arch != 'transformer':
-    raise UpcycleError(f"config.init_from: upcycling supports model.arch='transformer' so far, "
-                       f'not {config.model.arch!r}')
-  saved = compat.saved_config(workdir)
-  dense = ml_collections.ConfigDict(saved)
-  layout = config_lib.experts_layout(dense)
-  if any(layout):
-    raise UpcycleError(f'config.init_from={workdir!r} holds an MoE model (experts per layer '
-                       f'{list(layout)}); upcycling starts from a dense one')
-  flat_saved, flat_now = compat.flatten(saved), compat.flatten(compat.config_json(config))
-  differ = [f for f in MATCHING_FIELDS if flat_saved.get(f) != flat_now.get(f)]
-  if differ:
-    raise UpcycleError(f'config.init_from={workdir!r} holds a model that does not fit this '
-                       'one: ' + ', '.join(f'{f} (dense: {flat_saved.get(f)!r}, now: '
-                                          f'{flat_now.get(f)!r})' for f in differ))
-  return dense
-
-
-def from_checkpoint(config, fresh_params, example_batch, train_batch) -> Dict[str, Any]:
-  """What `--config.init_from=DIR` runs: the params of `config`'s MoE model upcycled from
-  the newest checkpoint of the dense run in config.init_from.
-
-  fresh_params: the MoE model's fresh init (host arrays); example_batch: a training batch
-  (shapes); train_batch(i): global training batch i (top-any's gates are set from the
-  dense model's FFN inputs over the first `upcycle.kmeans_batches` of them)."""
-  u, task = config.upcycle, config.model.task
-  start = time.perf_counter()
-  dense = dense_config(config.init_from, config)
-  sample = steps.model_inputs({k: v[:1] for k, v in example_batch.items()}, task)
-  dense_model, dense_params, dense_step, _ = checkpointing.restore_params(
-      config.init_from, dense, sample)
-  inputs = None
-  if routers.get(config.model.moe.router).upcycle_router is not None:
-    inputs = router_inputs(dense_model, dense_params,
-                           (steps.model_inputs(train_batch(i), task)
-                            for i in range(u.kmeans_batches)),
-                           _moe_blocks(fresh_params))
-  params = upcycle_params(dense_params, fresh_params, moe_settings=config_lib.moe_kwargs(config),
-                          router_inputs=inputs, partition=u.partition, noise=u.noise,
-                          seed=config.seed, kmeans_iterations=u.kmeans_iterations)
-  log.info(
-      'upcycled from %s (dense step %d) in %.1fs: every expert a copy of its block\'s FFN%s',
-      config.init_from, dense_step, time.perf_counter() - start,
-      f' (+ noise {u.noise})' if u.noise else '')
-  return params

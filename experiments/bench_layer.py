@@ -21,6 +21,7 @@ the ratios (each row / dense in the same run), not the absolute times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 import common
-from dynmoe_jax import adaptive, layers, routing
+from dynmoe_jax import adaptive, capacity, layers, routers, routing
+from dynmoe_jax.capacity import Capacity
 
 
 class DenseFFN(nn.Module):
@@ -55,19 +57,22 @@ def planned_top_any(num_experts, hidden, x, rng, target_active, max_k):
   """A top-any layer at about `target_active` experts per token whose capacity is
   planned from its own routing of `x`, as `adaptive.capacity` plans it from a window;
   max_k bounds its pair list (T·max_k pairs to sort instead of T·E)."""
-  module = layers.MoE(num_experts=num_experts, hidden_dim=hidden, router='top_any',
-                      capacity_factor=1.25, expected_k=target_active,
-                      max_k=min(max_k, num_experts) if max_k else None)
+  module = layers.MoE(num_experts=num_experts, hidden_dim=hidden,
+                      router=routers.TopAny(expected_k=target_active,
+                                            max_k=min(max_k, num_experts) if max_k else None),
+                      capacity=Capacity(factor=1.25))
   variables = nn.meta.unbox(module.init(rng, x))
   params = dict(variables['params'])
   params['thresholds'] = tune_top_any_thresholds(params, x, target_active)
   _, aux = module.apply({'params': params}, x, training=True)
   window = adaptive.RecordAccumulator.empty(num_experts, x.shape[-1])
   window.add(jax.device_get(aux.record))
-  rule = adaptive.CapacityRule(quantile=1.0, headroom=1.1, max_dropped=0.01, tolerance=0.0,
-                               multiple_of=module.capacity_multiple_of)
-  planned = adaptive.planned_capacity(window, range(num_experts), rule, current=0)
-  return module.clone(planned_capacity=planned), {'params': params}
+  rule = capacity.PlanRule(quantile=1.0, headroom=1.1, max_dropped=0.01, tolerance=0.0,
+                           multiple_of=module.capacity.multiple_of)
+  planned = capacity.plan_from_loads(window.step_loads, window.step_tokens, range(num_experts),
+                                     rule, current=0)
+  return (module.clone(capacity=dataclasses.replace(module.capacity, planned=planned)),
+          {'params': params})
 
 
 def make_step(module):
@@ -96,14 +101,16 @@ def build_cases(num_experts, hidden, impls, include_naive, group_sizes=()):
   cases = []
   for group_size in group_sizes:  # GShard routing groups: einsum's O(T·E·C) per group
     cases.append((f'top_k2/einsum/group{group_size}',
-                  dict(router='top_k', k=2, dispatch_impl='einsum', group_size=group_size)))
+                  dict(router=routers.TopK(k=2), dispatch_impl='einsum',
+                       capacity=Capacity(factor=1.25, group_size=group_size))))
   for impl in impls:
-    cases.append((f'top_k2/{impl}', dict(router='top_k', k=2, dispatch_impl=impl)))
-    cases.append((f'top_any~2/{impl}', dict(router='top_any', k=2, dispatch_impl=impl)))
+    cases.append((f'top_k2/{impl}', dict(router=routers.TopK(k=2), dispatch_impl=impl)))
+    cases.append((f'top_any~2/{impl}', dict(router=routers.TopAny(), dispatch_impl=impl)))
   if include_naive:
-    cases.append(('naive_all_experts', dict(router='top_k', k=2, dispatch_impl='all_experts_reference')))
+    cases.append(('naive_all_experts', dict(router=routers.TopK(k=2),
+                                            dispatch_impl='all_experts_reference')))
   return [(name, layers.MoE(num_experts=num_experts, hidden_dim=hidden,
-                            capacity_factor=1.25, **kw)) for name, kw in cases]
+                            **{'capacity': Capacity(factor=1.25), **kw})) for name, kw in cases]
 
 
 def main():
@@ -159,11 +166,11 @@ def main():
       seconds, compile_s, metrics = time_step(make_step(module), (variables, x, cotangent),
                                               args.reps)
       rows.append(dict(name=name, experts=num_experts, seconds=seconds, compile_s=compile_s,
-                       vs_dense=seconds / dense_s, capacity=module.planned_capacity[0],
+                       vs_dense=seconds / dense_s, capacity=module.capacity.planned[0],
                        **metrics))
       print(f'E={num_experts:3d} {name:22s} {seconds * 1e3:9.1f} ms  {seconds / dense_s:6.2f}x '
             f'dense  active={metrics["active_experts"]:.2f} '
-            f'dropped={metrics["dropped_fraction"]:.3f} capacity={module.planned_capacity[0]}',
+            f'dropped={metrics["dropped_fraction"]:.3f} capacity={module.capacity.planned[0]}',
             flush=True)
 
   summary = summarize(rows, args.experts)

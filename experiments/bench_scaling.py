@@ -28,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from dynmoe_jax import dispatch, experts, layers, plots, routing
+from dynmoe_jax import dispatch, experts, layers, plots, routers, routing
+from dynmoe_jax.capacity import Capacity
 
 
 def cases(num_experts: int, tokens: int, dim: int, hidden: int, cotangent):
   """name -> (jitted fwd+bwd function, its arguments)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (tokens, dim))
-  moe = layers.MoE(num_experts=num_experts, hidden_dim=hidden, router='top_k', k=2,
-                   capacity_factor=1.25)
+  moe = layers.MoE(num_experts=num_experts, hidden_dim=hidden, router=routers.TopK(k=2),
+                   capacity=Capacity(factor=1.25))
   variables = nn.meta.unbox(moe.init(jax.random.PRNGKey(0), x))
   params = variables['params']
-  capacity = dispatch.expert_capacity(tokens, num_experts, 1.25, 2, moe.capacity_multiple_of)
+  capacity = moe.slots_per_expert(tokens, training=True)
 
   def layer(v, x):
     y, aux = moe.apply(v, x, training=True)

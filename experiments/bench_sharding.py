@@ -25,7 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import common  # noqa: E402
-from dynmoe_jax import layers, sharding  # noqa: E402
+from dynmoe_jax import layers, routers, sharding  # noqa: E402
+from dynmoe_jax.capacity import Capacity  # noqa: E402
 
 
 def timed(fn, args, reps):
@@ -54,8 +55,9 @@ def main():
                                 'shard_map_a2a', n)):
     mesh = sharding.make_mesh(data=-1, expert=expert_axis if devices > 1 else 1,
                               devices=jax.devices()[:devices])
-    moe = layers.MoE(num_experts=args.experts, hidden_dim=args.hidden, router='top_k', k=2,
-                     capacity_factor=1.25, dispatch_impl=impl)
+    moe = layers.MoE(num_experts=args.experts, hidden_dim=args.hidden,
+                     router=routers.TopK(k=2), capacity=Capacity(factor=1.25),
+                     dispatch_impl=impl)
     boxed = jax.eval_shape(moe.init, jax.random.PRNGKey(1), x)
     shardings = sharding.param_shardings(boxed, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):

@@ -42,8 +42,8 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
 
 # The compute budget's first controller (ReMoE's rule, one budget_rate step per update),
 # which the earlier budget figures of docs/results.md were measured with; the default is newer.
-FIRST_BUDGET_CONTROLLER = {'model.moe.budget_error_unit': None,
-                           'model.moe.budget_horizon': None}
+FIRST_BUDGET_CONTROLLER = {'budget.error_unit': None,
+                           'budget.horizon': None}
 
 
 # ----------------------------------------------------------------------------- runs

@@ -93,45 +93,46 @@ def router_variants() -> Dict[str, Callable]:
 
   def top_k(k):
     def edit(c):
-      c.model.moe.router, c.model.moe.k = 'top_k', k
+      c.model.moe.router, c.model.moe.top_k.k = 'top_k', k
     return edit
 
   def top_p(p):
     def edit(c):
-      c.model.moe.router, c.model.moe.p = 'top_p', p
+      c.model.moe.router, c.model.moe.top_p.p = 'top_p', p
     return edit
 
   def top_p_budget(p, target, **controller):  # the budget adapts p (from p)
     def edit(c):
       top_p(p)(c)
-      c.model.moe.target_experts_per_token = target
+      c.budget.target_experts_per_token = target
       for key, value in controller.items():  # default: the library's controller
-        c.model.moe[key] = value
+        c.budget[key] = value
     return edit
 
   def damoe(c):  # as configs/mnist1d_damoe.py
-    c.model.moe.router, c.model.moe.max_k, c.model.moe.expected_k = 'adaptive_k', 4, 2.0
+    c.model.moe.router = 'adaptive_k'
+    c.model.moe.adaptive_k.max_k, c.model.moe.adaptive_k.expected_k = 4, 2.0
 
   def dynmoe(c):  # the reference's 2025 losses (the defaults)
     c.model.moe.router = 'top_any'
 
   def dynmoe_2024(c):  # the paper's losses: diversity + simplicity only
     dynmoe(c)
-    c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
+    c.model.moe.top_any.load_balance_weight = c.model.moe.top_any.efficiency_weight = 0.0
 
   def budget(target, two_sided=False, error_unit=None, max_k=None, horizon=None,
              train_fallback=False, learned_scale=False):
     def edit(c):
       dynmoe(c)
-      c.model.moe.target_experts_per_token = target
-      c.model.moe.budget_two_sided = two_sided
-      c.model.moe.budget_error_unit = error_unit
-      c.model.moe.budget_horizon = horizon
-      c.model.moe.max_k = max_k
-      c.model.moe.top_any_train_fallback = train_fallback
+      c.budget.target_experts_per_token = target
+      c.budget.two_sided = two_sided
+      c.budget.error_unit = error_unit
+      c.budget.horizon = horizon
+      c.model.moe.top_any.max_k = max_k
+      c.model.moe.top_any.train_fallback = train_fallback
       if learned_scale:  # the reference's gated_multi_gate_t: 10, learned in log space
-        c.model.moe.top_any_learned_scale = True
-        c.model.moe.top_any_scale = 10.0
+        c.model.moe.top_any.learned_scale = True
+        c.model.moe.top_any.scale = 10.0
     return edit
 
   def dynmoe_adaptive(c):
@@ -158,9 +159,9 @@ def router_variants() -> Dict[str, Callable]:
               'top_p0.6': top_p(0.6), 'top_p0.4_b1.5': top_p_budget(0.4, 1.5),
               # p acts on K at once (no optimizer in between): without the predicted trend /
               # with ReMoE's plain rule
-              'top_p0.4_b1.5_i': top_p_budget(0.4, 1.5, budget_horizon=0.0),
-              'top_p0.4_b1.5_plain': top_p_budget(0.4, 1.5, budget_horizon=0.0,
-                                                  budget_error_unit=0.0),
+              'top_p0.4_b1.5_i': top_p_budget(0.4, 1.5, horizon=0.0),
+              'top_p0.4_b1.5_plain': top_p_budget(0.4, 1.5, horizon=0.0,
+                                                  error_unit=0.0),
               'damoe': damoe, 'dynmoe_2024': dynmoe_2024,
               'dynmoe': dynmoe, 'dynmoe_b1.5': budget(1.5), 'dynmoe_b1.0': budget(1.0),
               'dynmoe_b1.5_2s': budget(1.5, two_sided=True),

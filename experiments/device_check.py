@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dynmoe_jax import config_lib, dryrun, flops, grouped_matmul, layers  # noqa: E402
+from dynmoe_jax import config_lib, dryrun, flops, grouped_matmul, layers, routers  # noqa: E402
 from dynmoe_jax.train import compiled as compiled_lib  # noqa: E402
 from dynmoe_jax.train import export  # noqa: E402
 
@@ -38,8 +38,8 @@ FULL = dict(tokens=16384, width=1024, hidden=2048, experts=16, reps=10, lm_steps
 SMOKE = dict(tokens=256, width=64, hidden=64, experts=4, reps=2, lm_steps=3)
 LM_ROUTERS = {
     'top2': {},
-    'top_any_b1.5': {'router': 'top_any', 'target_experts_per_token': 1.5,
-                     'top_any_train_fallback': True},
+    'top_any_b1.5': {'model.moe.router': 'top_any', 'budget.target_experts_per_token': 1.5,
+                     'model.moe.top_any.train_fallback': True},
 }
 
 
@@ -66,8 +66,8 @@ def ffn_rows(sizes, backends, dtype):
   x = jax.random.normal(jax.random.PRNGKey(0), (sizes['tokens'], sizes['width']), dtype)
   rows = []
   for impl, backend in [('sort', None), ('einsum', None)] + [('ragged', b) for b in backends]:
-    moe = layers.MoE(num_experts=sizes['experts'], hidden_dim=sizes['hidden'], router='top_k',
-                     k=2, glu=True, activation='silu', dispatch_impl=impl,
+    moe = layers.MoE(num_experts=sizes['experts'], hidden_dim=sizes['hidden'],
+                     router=routers.TopK(k=2), glu=True, activation='silu', dispatch_impl=impl,
                      ragged_backend=backend or 'auto', dtype=dtype)
     params = moe.init(jax.random.PRNGKey(1), x[:8])['params']
 
@@ -98,7 +98,7 @@ def lm_rows(sizes, batch: int, attention: str, smoke: bool):
       config.data.seq_len, config.model.num_layers, config.model.dim = 32, 2, 64
       config.model.num_heads, config.model.mlp_dim, config.model.moe.hidden_dim = 4, 64, 32
     for key, value in overrides.items():
-      config.model.moe[key] = value
+      config_lib.set_field(config, key, value)
     mesh = export.config_mesh(config)
     with compiled_lib.mesh_context(mesh):
       built = export.steps_for(config, mesh)

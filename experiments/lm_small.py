@@ -23,25 +23,25 @@ import common
 from dynmoe_jax import names, plots, train
 
 # top-any at a budget of 1.5, with the top-1 fallback in training (routing.top_any)
-FALLBACK_BUDGET = {'model.moe.router': 'top_any', 'model.moe.target_experts_per_token': 1.5,
-                   'model.moe.top_any_train_fallback': True}
+FALLBACK_BUDGET = {'model.moe.router': 'top_any', 'budget.target_experts_per_token': 1.5,
+                   'model.moe.top_any.train_fallback': True}
 VARIANTS = {
     'top_p (lm_small)': {},
     'top_any, budget 1.5': {'model.moe.router': 'top_any',
-                            'model.moe.target_experts_per_token': 1.5,
+                            'budget.target_experts_per_token': 1.5,
                             **common.FIRST_BUDGET_CONTROLLER},
     # the same with the fallback: can the layers die?
     'top_any_fallback, budget 1.5': {**FALLBACK_BUDGET, **common.FIRST_BUDGET_CONTROLLER},
     # and the budget's updates scaled with its error (budget_error_unit)
-    'top_any_fallback_p, budget 1.5': {**FALLBACK_BUDGET, 'model.moe.budget_error_unit': 0.1,
-                                       'model.moe.budget_horizon': None},
+    'top_any_fallback_p, budget 1.5': {**FALLBACK_BUDGET, 'budget.error_unit': 0.1,
+                                       'budget.horizon': None},
     # and on the count predicted 20 steps ahead: the default controller
-    'top_any_fallback_h, budget 1.5': {**FALLBACK_BUDGET, 'model.moe.budget_error_unit': 0.1,
-                                       'model.moe.budget_horizon': 20.0},
+    'top_any_fallback_h, budget 1.5': {**FALLBACK_BUDGET, 'budget.error_unit': 0.1,
+                                       'budget.horizon': 20.0},
     # and two-sided: below the target at the weight's floor, the price becomes a subsidy
-    'top_any_fallback_h2s, budget 1.5': {**FALLBACK_BUDGET, 'model.moe.budget_error_unit': 0.1,
-                                         'model.moe.budget_horizon': 20.0,
-                                         'model.moe.budget_two_sided': True},
+    'top_any_fallback_h2s, budget 1.5': {**FALLBACK_BUDGET, 'budget.error_unit': 0.1,
+                                         'budget.horizon': 20.0,
+                                         'budget.two_sided': True},
 }
 
 

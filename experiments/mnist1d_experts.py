@@ -34,7 +34,7 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
     c = mnist1d_config('top_any')
     c.model.moe.num_experts = num_experts
     if losses == '2024':
-      c.model.moe.load_balance_weight = c.model.moe.efficiency_weight = 0.0
+      c.model.moe.top_any.load_balance_weight = c.model.moe.top_any.efficiency_weight = 0.0
     return c
 
   dense = mnist1d_config()
@@ -48,21 +48,21 @@ def run_configs(steps: int, adaptive_every: int, seed: int = 0):
   adaptive.adaptive.max_experts = 16
   # 8 experts with capacity sized for 4 active experts per token instead of k=2
   e8_k4 = dynmoe(8)
-  e8_k4.model.moe.expected_k = 4.0
+  e8_k4.model.moe.top_any.expected_k = 4.0
   # the budget's first controller (ReMoE's rule: one budget_rate step per update), as the
   # docs/results.md's table measured it
   budget = common.apply_overrides(dynmoe(4), common.FIRST_BUDGET_CONTROLLER)
-  budget.model.moe.target_experts_per_token = 1.5
+  budget.budget.target_experts_per_token = 1.5
   budget_two_sided = common.apply_overrides(dynmoe(4), common.FIRST_BUDGET_CONTROLLER)
-  budget_two_sided.model.moe.target_experts_per_token = 1.5
-  budget_two_sided.model.moe.budget_two_sided = True
+  budget_two_sided.budget.target_experts_per_token = 1.5
+  budget_two_sided.budget.two_sided = True
   # the default job with the top-1 fallback in training / with the reference's learned
   # temperature (gated_multi_gate_t: 10, learned in log space, capped at 100)
   fallback = dynmoe(4)
-  fallback.model.moe.top_any_train_fallback = True
+  fallback.model.moe.top_any.train_fallback = True
   learned_scale = dynmoe(4)
-  learned_scale.model.moe.top_any_learned_scale = True
-  learned_scale.model.moe.top_any_scale = 10.0
+  learned_scale.model.moe.top_any.learned_scale = True
+  learned_scale.model.moe.top_any.scale = 10.0
   # dynmoe_e4 is the default job's router and experts at the shared width 64; default_job is
   # configs/mnist1d_dynmoe.py itself (width 96) and dense_w96 the dense model at its width.
   # _2024_losses drops the reference's load balance and efficiency terms, as in the paper

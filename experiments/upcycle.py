@@ -30,7 +30,7 @@ from dynmoe_jax import config_lib, names, plots, train
 from dynmoe_jax.default_config import lm_config, mnist1d_config
 
 TASKS = ('mnist1d', 'lm')
-TOP2 = {'model.moe.router': 'top_k', 'model.moe.k': 2}
+TOP2 = {'model.moe.router': 'top_k', 'model.moe.top_k.k': 2}
 TOP_ANY = {'model.moe.router': 'top_any'}
 # name -> (config overrides of the MoE, or None for dense; upcycled from the dense run?)
 VARIANTS = {
@@ -41,7 +41,7 @@ VARIANTS = {
     'top2_upcycled': (TOP2, True),
     'dynmoe_upcycled': (TOP_ANY, True),
     # the budget's first controller (one budget_rate step per update), as measured
-    'dynmoe_b1.5_upcycled': ({**TOP_ANY, 'model.moe.target_experts_per_token': 1.5,
+    'dynmoe_b1.5_upcycled': ({**TOP_ANY, 'budget.target_experts_per_token': 1.5,
                               **common.FIRST_BUDGET_CONTROLLER}, True),
 }
 TASK_OVERRIDES = {'mnist1d': {}, 'lm': {'batch_size': 16}}

@@ -74,9 +74,11 @@ def grouped_expert_parallel():
   """Routing groups under shard_map_a2a on a (data 2, expert 4) mesh: each shard's groups
   dispatched and sent in one all-to-all give what the sort path gives for the same groups
   (64 tokens, 8 a shard, groups of 4; capacity 1, so pairs overflow in every group)."""
-  from dynmoe_jax import layers, sharding
-  moe = lambda impl: layers.MoE(num_experts=8, hidden_dim=16, router='top_k', k=2,
-                                capacity=1, group_size=4, priority='batch', dispatch_impl=impl)
+  from dynmoe_jax import layers, routers, sharding
+  from dynmoe_jax.capacity import Capacity
+  moe = lambda impl: layers.MoE(num_experts=8, hidden_dim=16,
+                                router=routers.TopK(k=2, priority='batch'),
+                                capacity=Capacity(slots=1, group_size=4), dispatch_impl=impl)
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 12))
   params = moe('sort').init(jax.random.PRNGKey(1), x)
   out = {}

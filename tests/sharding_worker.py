@@ -39,7 +39,7 @@ def main():
   config.eval_batch_size = 200
   config.model.moe.num_experts = int(args.get('experts', '8'))
   config.model.moe.dispatch_impl = args.get('impl', 'sort')
-  config.model.moe.capacity_factor = 8.0
+  config.model.moe.capacity.factor = 8.0
   # Adam's first step moves every weight by lr * sign(g). A gradient that is zero up to
   # rounding (1e-9, summed in another order on another layout or CPU) would then move a
   # full lr one way or the other; eps well above rounding keeps such weights still, so the
@@ -52,7 +52,7 @@ def main():
     config.adaptive.compile_lead_steps = 1  # the compile-ahead thread lowers on the mesh
     config.adaptive.min_experts = 1
     config.adaptive.max_experts = 8
-    config.model.moe.top_any_scale = 4.0  # sharper gates: some tokens activate no expert
+    config.model.moe.top_any.scale = 4.0  # sharper gates: some tokens activate no expert
   config.mesh.data = int(args.get('data', '-1'))
   config.mesh.expert = int(args.get('expert', '1'))
   trainer = train.Trainer(config, args['workdir'])

@@ -10,16 +10,19 @@ import numpy as np
 import optax
 import pytest
 
-from dynmoe_jax import adaptive, layers, routers, routing, train
+from dynmoe_jax import adaptive, capacity, config_lib, layers, routers, routing, train
+from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.layout import Layout
 from tests.conftest import killed_and_resumed, load_config
 
 E, D, F, T = 4, 8, 16, 64
 
 
+ROOMY = Capacity(factor=64.0, eval_factor=64.0)
+
+
 def init_moe(router='top_any', num_experts=E, **kw):
-  moe = layers.MoE(num_experts=num_experts, hidden_dim=F, router=router, capacity_factor=64.0,
-                   eval_capacity_factor=64.0, **kw)
+  moe = layers.MoE(num_experts=num_experts, hidden_dim=F, router=router, capacity=ROOMY, **kw)
   x = jax.random.normal(jax.random.PRNGKey(0), (T, D))
   boxed = moe.init(jax.random.PRNGKey(1), x)['params']
   return moe, x, boxed, nn.meta.unbox(boxed)
@@ -35,7 +38,7 @@ def make_plan(moe, boxed, params, rec, **kw):
   axes = adaptive.expert_axes(boxed)
   moe_axes = {k[-1]: v for k, v in axes.items()}
   kw = {'min_experts': 1, 'max_experts': 8, 'new_expert_init': 'fresh', **kw}
-  layer = adaptive.plan_layer(rec, jax.device_get(params), moe_axes, router=moe.router,
+  layer = adaptive.plan_layer(rec, jax.device_get(params), moe_axes, router=moe.settings.name,
                               kernel_init=moe.kernel_init, rng=jax.random.PRNGKey(2), **kw)
   return adaptive.ResizePlan({(): layer}, {k: v for k, v in axes.items()}), layer
 
@@ -94,39 +97,43 @@ def window(loads, tokens=64):
   return rec
 
 
-RULE = adaptive.CapacityRule(quantile=0.5, headroom=1.0, max_dropped=0.0, tolerance=0.0,
-                             multiple_of=1)
+RULE = capacity.PlanRule(quantile=0.5, headroom=1.0, max_dropped=0.0, tolerance=0.0,
+                         multiple_of=1)
+
+
+def plan(rec, keep, rule, current):
+  return capacity.plan_from_loads(rec.step_loads, rec.step_tokens, keep, rule, current)
 
 
 def test_capacity_follows_the_busiest_expert_of_each_step():
   rec = window([[10, 3, 0, 1], [4, 12, 0, 0], [2, 2, 14, 0]])
-  assert adaptive.planned_capacity(rec, range(4), RULE, current=0) == (14, 64)
+  assert plan(rec, range(4), RULE, current=0) == (14, 64)
   # The median step's peak (12) with 1.5x headroom, rounded up to a multiple of 8.
-  rule = adaptive.CapacityRule(0.5, 1.5, max_dropped=1.0, tolerance=0.0, multiple_of=8)
-  assert adaptive.planned_capacity(rec, range(4), rule, current=0) == (24, 64)
+  rule = capacity.PlanRule(0.5, 1.5, max_dropped=1.0, tolerance=0.0, multiple_of=8)
+  assert plan(rec, range(4), rule, current=0) == (24, 64)
   # Only the experts that stay count: without expert 2, the busiest has 12.
-  rule = adaptive.CapacityRule(1.0, 1.0, max_dropped=1.0, tolerance=0.0, multiple_of=1)
-  assert adaptive.planned_capacity(rec, (0, 1, 3), rule, current=0) == (12, 64)
+  rule = capacity.PlanRule(1.0, 1.0, max_dropped=1.0, tolerance=0.0, multiple_of=1)
+  assert plan(rec, (0, 1, 3), rule, current=0) == (12, 64)
 
 
 def test_capacity_is_raised_until_drops_are_under_the_limit():
   # The median peak is 10, but 30 of the 60 pairs would be dropped at 10 slots.
   rec = window([[10, 0], [10, 0], [40, 0]])
-  rule = adaptive.CapacityRule(0.5, 1.0, max_dropped=0.1, tolerance=0.0, multiple_of=2)
-  slots, _ = adaptive.planned_capacity(rec, range(2), rule, current=0)
+  rule = capacity.PlanRule(0.5, 1.0, max_dropped=0.1, tolerance=0.0, multiple_of=2)
+  slots, _ = plan(rec, range(2), rule, current=0)
   dropped = lambda c: sum(max(0, l - c) for l in (10, 10, 40)) / 60
   assert dropped(slots) <= 0.1 < dropped(slots - 2)
   # Never more than the tokens of a step (rounded up): an expert gets a token once.
-  rule = adaptive.CapacityRule(1.0, 4.0, max_dropped=0.0, tolerance=0.0, multiple_of=8)
-  assert adaptive.planned_capacity(window([[60, 0]], tokens=60), range(2), rule, 0) == (64, 60)
+  rule = capacity.PlanRule(1.0, 4.0, max_dropped=0.0, tolerance=0.0, multiple_of=8)
+  assert plan(window([[60, 0]], tokens=60), range(2), rule, 0) == (64, 60)
 
 
 def test_a_small_saving_keeps_the_current_capacity():
   rec = window([[30, 0]])
-  rule = adaptive.CapacityRule(1.0, 1.0, max_dropped=0.0, tolerance=0.1, multiple_of=1)
-  assert adaptive.planned_capacity(rec, range(2), rule, current=32)[0] == 32  # 6% smaller
-  assert adaptive.planned_capacity(rec, range(2), rule, current=40)[0] == 30  # 25% smaller
-  assert adaptive.planned_capacity(rec, range(2), rule, current=20)[0] == 30  # grows always
+  rule = capacity.PlanRule(1.0, 1.0, max_dropped=0.0, tolerance=0.1, multiple_of=1)
+  assert plan(rec, range(2), rule, current=32)[0] == 32  # 6% smaller
+  assert plan(rec, range(2), rule, current=40)[0] == 30  # 25% smaller
+  assert plan(rec, range(2), rule, current=20)[0] == 30  # grows always
 
 
 def test_records_round_trip_through_json():
@@ -179,7 +186,7 @@ def test_kept_experts_compute_what_they_computed_before():
   plan, layer = make_plan(moe, boxed, params, record([3, 0, 2, 1], 5, -np.ones(D)))
   new_params, _ = adaptive.resize(params, (), plan)
   resized = layers.MoE(num_experts=layer.new_count, hidden_dim=F, router='top_any',
-                       capacity_factor=64.0)
+                       capacity=Capacity(factor=64.0))
   after, _ = resized.apply({'params': new_params}, x, training=True)
   old_mask = np.asarray(routing.top_any(x, params['gate_embeddings'],
                                         params['thresholds']).mask)
@@ -214,7 +221,7 @@ def adaptive_tiny():
   config.adaptive.min_experts = 2
   config.adaptive.max_experts = 6
   config.model.moe.num_experts = 2
-  config.model.moe.top_any_scale = 4.0  # sharper gates: some tokens activate no expert
+  config.model.moe.top_any.scale = 4.0  # sharper gates: some tokens activate no expert
   return config
 
 
@@ -241,8 +248,8 @@ def test_trainer_adapts_logs_and_resumes_exactly(tmp_path):
 def capacity_tiny():
   # Top-1 sized at 4x the mean load: the routing it records asks for fewer slots.
   config = load_config('tiny', 'top_k')
-  config.model.moe.k = 1
-  config.model.moe.capacity_factor = 4.0
+  config.model.moe.top_k.k = 1
+  config.model.moe.capacity.factor = 4.0
   config.num_train_steps = 30
   config.checkpoint_every = 9  # step 18 lies between the window and the boundary at 20
   config.adaptive.capacity = True
@@ -261,7 +268,8 @@ def test_trainer_replans_capacity_logs_and_resumes_exactly(tmp_path):
   assert events and all(e['experts_before'] == e['experts_after'] == 4 for e in events)
   assert all(e['compiled_ahead'] for e in events)
   tokens = config.batch_size * 40  # 40 tokens per MNIST-1D signal at stem stride 1
-  rule = routers.capacity(config.model.moe, tokens, 4, training=True)
+  rule = capacity.slots_per_expert(config_lib.moe_kwargs(config)['capacity'],
+                                   config_lib.router_settings(config), tokens, 4, training=True)
   first = events[0]
   assert first['step'] == 10 and first['capacity_tokens'] == tokens
   assert first['capacity_before'] == 0 and 0 < first['capacity_after'] < rule
@@ -309,13 +317,13 @@ def test_a_plan_that_keeps_the_shapes_keeps_the_compiled_steps(tmp_path, caplog)
 
 
 def test_resize_keeps_a_learned_temperature():
-  moe, x, boxed, params = init_moe(top_any_learned_scale=True, top_any_scale=10.0)
+  moe, x, boxed, params = init_moe(routers.TopAny(learned_scale=True, scale=10.0))
   params = {**params, 'log_scale': jnp.asarray(2.5, jnp.float32)}
   plan, layer = make_plan(moe, boxed, params, record([3, 0, 2, 1], 5, -np.ones(D)))
   new_params, _ = adaptive.resize(params, (), plan)
   assert float(new_params['log_scale']) == 2.5
   assert new_params['gate_embeddings'].shape == (layer.new_count, D)
-  resized = layers.MoE(num_experts=layer.new_count, hidden_dim=F, router='top_any',
-                       top_any_learned_scale=True, capacity_factor=64.0)
+  resized = layers.MoE(num_experts=layer.new_count, hidden_dim=F,
+                       router=routers.TopAny(learned_scale=True), capacity=Capacity(factor=64.0))
   y, _ = resized.apply({'params': new_params}, x, training=True)
   assert np.all(np.isfinite(np.asarray(y)))

@@ -2,7 +2,8 @@
 import jax.numpy as jnp
 import pytest
 
-from dynmoe_jax import config_lib, layers, routers
+from dynmoe_jax import capacity, config_lib, routers
+from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.train import budget as budget_lib
 from tests.conftest import load_config
 
@@ -27,9 +28,9 @@ def test_the_weight_rises_above_the_target_and_falls_below_it():
 
 def test_with_a_training_fallback_unrouted_tokens_are_not_counted_twice():
   config = load_config('tiny')
-  config.model.moe.target_experts_per_token = 1.5
+  config.budget.target_experts_per_token = 1.5
   assert budget_lib.from_config(config, (0, 4)).add_unrouted
-  config.model.moe.top_any_train_fallback = True
+  config.model.moe.top_any.train_fallback = True
   b = budget_lib.from_config(config, (0, 4))
   assert not b.add_unrouted
   # training's 1.4 already holds the fallback expert of its 0.4 unrouted tokens: < 1.5
@@ -39,21 +40,20 @@ def test_with_a_training_fallback_unrouted_tokens_are_not_counted_twice():
 def test_config_budget_is_off_by_default_and_sized_into_capacity():
   config = load_config('tiny')
   assert budget_lib.from_config(config, (0, 4)) is None
-  config.model.moe.target_experts_per_token = 1.0
+  config.budget.target_experts_per_token = 1.0
   b = budget_lib.from_config(config, (0, 4))
   assert (b.target, b.control, b.layers) == (1.0, 'efficiency', ('layer_1',))
-  moe = lambda **kw: layers.MoE(num_experts=4, hidden_dim=8, **kw)
-  assert routers.capacity(moe(target_experts_per_token=1.0), 64, 4, True) < \
-      routers.capacity(moe(), 64, 4, True)
+  slots = lambda router: capacity.slots_per_expert(Capacity(), router, 64, 4, True)
+  assert slots(config_lib.router_settings(config)) < slots(routers.TopAny())
 
 
 def test_a_top_p_budget_adapts_p_the_other_way_and_keeps_it_in_range():
   config = load_config('tiny', 'top_p')
-  config.model.moe.target_experts_per_token = 1.0
+  config.budget.target_experts_per_token = 1.0
   config_lib.validate(config, num_devices=1)
   b = budget_lib.from_config(config, (0, 4))
   assert (b.control, b.raises_k, b.metric) == ('p', True, 'p')
-  assert b.initial_weight == pytest.approx(config.model.moe.p)
+  assert b.initial_weight == pytest.approx(config.model.moe.top_p.p)
   plain = budget_lib.Budget(target=1.5, rate=2.0, control='p', initial_weight=0.4,
                             layers=('layer_1',), raises_k=True)
   w = plain.initial_controls()
@@ -64,25 +64,24 @@ def test_a_top_p_budget_adapts_p_the_other_way_and_keeps_it_in_range():
   low = {'layer_1': jnp.asarray(budget_lib.MIN_P)}
   assert float(plain.update(low, metrics(3.0, 0.0))['layer_1']) == pytest.approx(budget_lib.MIN_P)
   assert plain.layer_controls(w) == {'layer_1': {'p': w['layer_1']}}
-  moe = lambda **kw: layers.MoE(num_experts=4, hidden_dim=8, router='top_p', **kw)
-  assert routers.capacity(moe(target_experts_per_token=1.0), 64, 4, True) < \
-      routers.capacity(moe(), 64, 4, True)
-  config.model.moe.budget_two_sided = True
-  with pytest.raises(config_lib.ConfigError, match='budget_two_sided=True is invalid: is for a '
+  slots = lambda router: capacity.slots_per_expert(Capacity(), router, 64, 4, True)
+  assert slots(config_lib.router_settings(config)) < slots(routers.TopP())
+  config.budget.two_sided = True
+  with pytest.raises(config_lib.ConfigError, match='budget.two_sided=True is invalid: is for a '
                      "budget that prices experts .* adapts 'p'"):
     config_lib.validate(config, num_devices=1)
 
 
 def test_a_budget_needs_a_router_that_takes_one():
   config = load_config('tiny', 'top_k')
-  config.model.moe.target_experts_per_token = 1.5
+  config.budget.target_experts_per_token = 1.5
   with pytest.raises(config_lib.ConfigError,
                      match="target_experts_per_token=1.5 is invalid: is for routers with a "
                            r"compute budget \(\['top_any', 'top_p'\]\)"):
     config_lib.validate(config, num_devices=1)
   config = load_config('tiny')
-  config.model.moe.target_experts_per_token = 5.0
-  with pytest.raises(config_lib.ConfigError, match=r'must be in \(0, 4\]'):
+  config.budget.target_experts_per_token = 5.0
+  with pytest.raises(config_lib.ConfigError, match=r'target_experts_per_token=5.0 is invalid: must be <= the 4 experts of layer 1'):
     config_lib.validate(config, num_devices=1)
 
 
@@ -115,8 +114,8 @@ def test_error_unit_scales_each_update_with_the_error():
   assert float(b.update(w, metrics(1.2, 0.0))['layer_1']) == pytest.approx(0.01 / 4)
   assert float(b.update(w, metrics(6.0, 0.0))['layer_1']) == pytest.approx(0.01 * 2 ** 5)
   config = load_config('tiny')
-  config.model.moe.target_experts_per_token = 1.5
-  config.model.moe.budget_error_unit = 0.1
+  config.budget.target_experts_per_token = 1.5
+  config.budget.error_unit = 0.1
   assert budget_lib.from_config(config, (0, 4)).error_unit == 0.1
 
 
@@ -160,23 +159,23 @@ def test_horizon_acts_on_the_count_predicted_from_its_smoothed_trend():
   w = scaled.update(w, metrics(2.0, 0.0))
   assert float(w['layer_1']) == pytest.approx(0.01 * 2 ** 5 / 2 ** (10 / 3), rel=1e-5)
   config = load_config('tiny')
-  config.model.moe.target_experts_per_token = 1.5
-  config.model.moe.budget_horizon = -1.0
-  with pytest.raises(config_lib.ConfigError, match=r'budget_horizon=-1.0 is invalid: must be '
+  config.budget.target_experts_per_token = 1.5
+  config.budget.horizon = -1.0
+  with pytest.raises(config_lib.ConfigError, match=r'budget.horizon=-1.0 is invalid: must be '
                                                    r'a number >= 0 \(0 or None: off\)'):
     config_lib.validate(config, num_devices=1)
 
 
 def test_the_default_controller_scales_with_the_error_and_looks_ahead_and_0_turns_off():
   config = load_config('tiny')
-  config.model.moe.target_experts_per_token = 1.5
+  config.budget.target_experts_per_token = 1.5
   b = budget_lib.from_config(config, (0, 4))
   assert (b.error_unit, b.horizon) == (0.1, 20.0)
   assert budget_lib.count_key('layer_1') in b.initial_controls()
   # 0 (what the command line can say) and None (a Python config) give ReMoE's plain rule
   # with the first controller's state: the weights alone
   for off in (0, None):
-    config.model.moe.budget_error_unit = config.model.moe.budget_horizon = off
+    config.budget.error_unit = config.budget.horizon = off
     config_lib.validate(config, num_devices=1)
     b = budget_lib.from_config(config, (0, 4))
     assert (b.error_unit, b.horizon) == (None, None)

@@ -23,29 +23,37 @@ def test_shipped_configs_validate(name):
 
 BAD_CONFIGS = [
     # (field, value, expected message fragment); a dict sets several fields
-    ('model.moe.capacity', 0, 'config.model.moe.capacity=0 is invalid: must be an int > 0'),
-    ({'model.moe.capacity': 4, 'adaptive.capacity': True, 'adaptive.every': 10},
+    ('model.moe.capacity.slots', 0,
+     'config.model.moe.capacity.slots=0 is invalid: must be an int >= 1'),
+    ({'model.moe.capacity.slots': 4, 'adaptive.capacity': True, 'adaptive.every': 10},
      'config.adaptive.capacity=True is invalid: re-plans the slots per expert that '
-     'model.moe.capacity=4 fixes'),
-    ({'model.moe.capacity': 4, 'model.moe.router': 'expert_choice'},
-     "config.model.moe.capacity=4 is invalid: router 'expert_choice' fixes its own capacity"),
-    ('model.moe.priority', 'fifo', "config.model.moe.priority='fifo' is invalid"),
+     'model.moe.capacity.slots=4 fixes'),
+    ({'model.moe.capacity.slots': 4, 'model.moe.router': 'expert_choice'},
+     "config.model.moe.capacity.slots=4 is invalid: is unused: router 'expert_choice' fixes its "
+     'own capacity'),
+    ('model.moe.top_any.priority', 'fifo', "config.model.moe.top_any.priority='fifo' is invalid"),
+    ('model.moe.top_k.priority', 'fifo', "config.model.moe.top_k.priority='fifo' is invalid"),
+    ('model.moe.top_any.unknown', 1, "config.model.moe.top_any.unknown=1 is invalid: is not a "
+     "field (fields: ['scale',"),
     ('model.moe.router', 'top_q', "config.model.moe.router='top_q' is invalid: must be one of"),
     ('model.moe.dispatch_impl', 'scatter', "config.model.moe.dispatch_impl='scatter'"),
-    ({'model.moe.router': 'top_k', 'model.moe.k': 9},
-     "config.model.moe.k=9 is invalid: must be <= the 4 experts of layer 1 (router='top_k')"),
-    ('model.moe.expected_k', -1.0, 'config.model.moe.expected_k=-1.0'),
-    ('model.moe.p', 0.0, 'config.model.moe.p=0.0 is invalid: must be in (0, 1]'),
-    ('model.moe.p', 1.5, 'config.model.moe.p=1.5'),
-    ('model.moe.capacity_factor', 0.0, 'config.model.moe.capacity_factor=0.0 is invalid'),
-    ('model.moe.eval_capacity_factor', -1.0, 'config.model.moe.eval_capacity_factor=-1.0'),
-    ('model.moe.max_k', 7, 'config.model.moe.max_k=7 is invalid: must be in [1, 4]'),
+    ({'model.moe.router': 'top_k', 'model.moe.top_k.k': 9},
+     'config.model.moe.top_k.k=9 is invalid: must be <= the 4 experts (layer 1: 4 experts)'),
+    ('model.moe.top_any.expected_k', -1.0, 'config.model.moe.top_any.expected_k=-1.0'),
+    ('model.moe.top_p.p', 0.0, 'config.model.moe.top_p.p=0.0 is invalid: must be in (0, 1]'),
+    ('model.moe.top_p.p', 1.5, 'config.model.moe.top_p.p=1.5'),
+    ('model.moe.capacity.factor', 0.0, 'config.model.moe.capacity.factor=0.0 is invalid'),
+    ('model.moe.capacity.eval_factor', -1.0, 'config.model.moe.capacity.eval_factor=-1.0'),
+    ('model.moe.top_any.max_k', 7,
+     'config.model.moe.top_any.max_k=7 is invalid: must be <= the 4 experts (layer 1: 4 experts)'),
     ('model.moe.activation', 'tanhh', "config.model.moe.activation='tanhh'"),
     ('model.moe.num_experts_per_layer', (4, 4, 4),
      'model.moe.num_experts_per_layer=[4, 4, 4] lists 3 counts for 1 MoE layers [1]'),
     ('model.moe_layer_indices', (0, 5), 'model.moe_layers has indices [5] outside [0, 2)'),
     ('model.moe_layers', 'odd', "config.model: model.moe_layers='odd'"),
-    ('model.moe.load_balance_weight', -0.1, 'config.model.moe.load_balance_weight=-0.1'),
+    ('model.moe.top_any.load_balance_weight', -0.1,
+     'config.model.moe.top_any.load_balance_weight=-0.1 is invalid: must be a number >= 0'),
+    ('budget.rate', 1.0, 'config.budget.rate=1.0 is invalid: must be a number > 1'),
     ('num_train_steps', -5, 'config.num_train_steps=-5 is invalid: must be an int > 0'),
     ('batch_size', 0, 'config.batch_size=0'),
     ('model.num_heads', 3, 'config.model.num_heads=3 is invalid: must divide model.dim=32'),
@@ -68,11 +76,10 @@ BAD_CONFIGS = [
     ('model.moe.num_experts', 0,
      "config.model.moe.num_experts=0 is invalid: must be >= 1 for each MoE block (1,); for a "
      "dense model set model.moe_layers='none'"),
-    ('model.moe.top_any_scale', 0.0, 'config.model.moe.top_any_scale=0.0 is invalid'),
-    ({'model.moe.top_any_learned_scale': True, 'model.moe.top_any_scale': 10.0,
-      'model.moe.top_any_max_scale': 5.0},
-     'config.model.moe.top_any_max_scale=5.0 is invalid: must be a number >= '
-     'model.moe.top_any_scale=10.0'),
+    ('model.moe.top_any.scale', 0.0, 'config.model.moe.top_any.scale=0.0 is invalid'),
+    ({'model.moe.top_any.learned_scale': True, 'model.moe.top_any.scale': 10.0,
+      'model.moe.top_any.max_scale': 5.0},
+     'config.model.moe.top_any.max_scale=5.0 is invalid: must be a number >= scale=10.0'),
     ({'adaptive.enabled': True, 'adaptive.compile_lead_steps': -1},
      'config.adaptive.compile_lead_steps=-1 is invalid: must be an int >= 0'),
 ]
@@ -164,6 +171,6 @@ def test_expert_choice_in_a_causal_lm_needs_the_noncausal_opt_in():
     config_lib.validate(config)
   config.model.noncausal_routing = True
   config_lib.validate(config)
-  config.model.moe.group_size = 0
-  with pytest.raises(config_lib.ConfigError, match='config.model.moe.group_size=0'):
+  config.model.moe.capacity.group_size = 0
+  with pytest.raises(config_lib.ConfigError, match='config.model.moe.capacity.group_size=0'):
     config_lib.validate(config)

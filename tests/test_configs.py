@@ -26,7 +26,7 @@ def test_lm_base_is_a_100_to_300m_bf16_decoder():
   assert {l.dtype for l in jax.tree.leaves(sharding.strip_boxes(boxed))} == {np.dtype('float32')}
   assert (config.model.arch, config.model.dtype, config.data.seq_len) == (
       'decoder', 'bfloat16', 1024)
-  assert config.model.moe.router == 'top_k' and config.model.moe.k == 2
+  assert config.model.moe.router == 'top_k' and config.model.moe.top_k.k == 2
 
 
 def test_parameter_counts_grow_by_the_experts_alone():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.models import decoder
 
 V = 257
@@ -12,7 +13,7 @@ V = 257
 
 def lm(experts=(0, 4), **kw):
   moe = dict(router='top_any', hidden_dim=32, glu=True, activation='silu',
-             capacity_factor=8.0, eval_capacity_factor=8.0)
+             capacity=Capacity(factor=8.0, eval_factor=8.0))
   return decoder.DecoderLM(num_layers=len(experts), dim=32, num_heads=2, mlp_dim=64,
                            experts_per_layer=tuple(experts), moe=moe, vocab_size=V, **kw)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from dynmoe_jax import dispatch
+from dynmoe_jax import capacity, dispatch
 
 T, E, D = 48, 6, 5
 
@@ -128,12 +128,12 @@ class CapacityTest(parameterized.TestCase):
       (10, 2, 4.0, 2, 8, 16),        # capped at T rounded up (10 -> 16)
       (64, 64, 0.1, 1, 1, 1))        # at least one slot
   def test_values(self, t, e, cf, k, mult, want):
-    assert dispatch.expert_capacity(t, e, cf, k, mult) == want
+    assert capacity.factor_rule(t, e, cf, k, mult) == want
 
   @parameterized.parameters(0.0, -1.0)
   def test_bad_factor(self, cf):
-    with pytest.raises(ValueError, match='capacity_factor'):
-      dispatch.expert_capacity(16, 4, cf, 1)
+    with pytest.raises(ValueError, match='capacity factor must be > 0'):
+      capacity.factor_rule(16, 4, cf, 1)
 
   def test_bad_dispatch_args(self):
     with pytest.raises(ValueError, match='impl'):

@@ -43,7 +43,7 @@ def test_every_preset_and_router_builds_a_valid_config(compare_routers):
   dense = compare_routers.make_config('mnist1d', 'dense', 0, 'cpu')
   top1 = compare_routers.make_config('mnist1d', 'top1', 0, 'cpu')
   # dense has the activated FFN width of top-1
-  assert dense.model.mlp_dim == top1.model.moe.hidden_dim and top1.model.moe.k == 1
+  assert dense.model.mlp_dim == top1.model.moe.hidden_dim and top1.model.moe.top_k.k == 1
 
 
 def check_analysis(compare_routers, analysis):

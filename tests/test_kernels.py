@@ -51,7 +51,7 @@ def test_kernel_equals_xla_ragged_dot_values_and_both_gradients(backend, rows, d
 
 
 def moe_outputs(backend, x):
-  moe = layers.MoE(num_experts=4, hidden_dim=32, router='top_k', k=2, glu=True,
+  moe = layers.MoE(num_experts=4, hidden_dim=32, router='top_k', glu=True,
                    dispatch_impl='ragged', ragged_backend=backend)
   variables = moe.init(jax.random.PRNGKey(0), x)
 

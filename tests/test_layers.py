@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from dynmoe_jax import layers, sharding
+from dynmoe_jax import capacity, layers, routers, sharding
+from dynmoe_jax.capacity import Capacity
 
 B, S, D, F, E = 2, 12, 16, 24, 6
 ROUTERS = ['top_any', 'top_k', 'top_p', 'adaptive_k', 'expert_choice']
@@ -22,10 +23,13 @@ def make_inputs(seed=0, dtype=jnp.float32):
   return x, importance
 
 
-def build(router, impl='sort', **kw):
-  kw.setdefault('capacity_factor', 8.0)
-  kw.setdefault('eval_capacity_factor', 8.0)
-  return layers.MoE(num_experts=E, hidden_dim=F, router=router, dispatch_impl=impl, **kw)
+ROOMY = Capacity(factor=8.0, eval_factor=8.0)
+
+
+def build(router, impl='sort', capacity=ROOMY, **kw):
+  """router: a name or a settings object (routers.TopK(k=1), ...)."""
+  return layers.MoE(num_experts=E, hidden_dim=F, router=router, capacity=capacity,
+                    dispatch_impl=impl, **kw)
 
 
 def init_apply(moe, x, importance, training=True, seed=0):
@@ -114,8 +118,9 @@ class MoELayerTest(parameterized.TestCase):
     # it each token takes its top-1 expert at weight 1, the gradient reaches the gate
     # embeddings, and the record still counts the tokens as unrouted.
     x, _ = make_inputs(4)
-    moe = lambda **kw: build('top_any', diversity_weight=0.0, simplicity_weight=0.0,
-                             load_balance_weight=0.0, efficiency_weight=0.0, **kw)
+    moe = lambda **kw: build(routers.TopAny(diversity_weight=0.0, simplicity_weight=0.0,
+                                            load_balance_weight=0.0, efficiency_weight=0.0,
+                                            **kw))
     variables = moe().init(jax.random.PRNGKey(0), x)
     params = {**nn.meta.unbox(variables['params']), 'thresholds': jnp.full((E,), 5.0)}
 
@@ -125,7 +130,7 @@ class MoELayerTest(parameterized.TestCase):
 
     (_, aux), grads = jax.value_and_grad(task_loss, has_aux=True)(params, moe())
     assert not np.any(grads['gate_embeddings']) and float(aux.metrics['active_experts']) == 0
-    fallback = moe(top_any_train_fallback=True)
+    fallback = moe(train_fallback=True)
     (_, aux), grads = jax.value_and_grad(task_loss, has_aux=True)(params, fallback)
     assert np.abs(grads['gate_embeddings']).max() > 1e-6
     assert float(aux.metrics['active_experts']) == 1.0
@@ -142,16 +147,16 @@ class MoELayerTest(parameterized.TestCase):
     variables = base.init(jax.random.PRNGKey(0), x)
     _, aux = base.apply(variables, x, training=True)
     assert 'gshard_balance' not in aux.metrics  # weight 0 by default: not computed
-    _, aux_g = build('top_any', gshard_balance_weight=0.5).apply(variables, x, training=True)
+    _, aux_g = build(routers.TopAny(gshard_balance_weight=0.5)).apply(variables, x,
+                                                                     training=True)
     assert float(aux_g.metrics['gshard_balance']) > 0
     assert float(aux_g.loss) == pytest.approx(
         float(aux.loss) + 0.5 * float(aux_g.metrics['gshard_balance']), rel=1e-6)
 
   def test_top_any_learned_scale_starts_at_top_any_scale_and_is_capped(self):
     x, _ = make_inputs(5)
-    fixed = lambda scale: build('top_any', top_any_scale=scale)
-    learned = build('top_any', top_any_scale=10.0, top_any_learned_scale=True,
-                    top_any_max_scale=100.0)
+    fixed = lambda scale: build(routers.TopAny(scale=scale))
+    learned = build(routers.TopAny(scale=10.0, learned_scale=True, max_scale=100.0))
     params = nn.meta.unbox(learned.init(jax.random.PRNGKey(0), x)['params'])
     assert float(params['log_scale']) == pytest.approx(np.log(10.0))
     params = {**params, 'thresholds': jnp.linspace(-0.2, 0.2, E)}
@@ -196,7 +201,7 @@ class MoELayerTest(parameterized.TestCase):
                                   atol=1e-5, rtol=1e-5)
 
   def test_one_compilation_for_different_routing_patterns(self):
-    moe = build('top_any', capacity_factor=1.0)
+    moe = build('top_any', capacity=Capacity(factor=1.0))
     x, _ = make_inputs()
     variables = moe.init(jax.random.PRNGKey(0), x)
 
@@ -227,7 +232,8 @@ class MoELayerTest(parameterized.TestCase):
 
   def test_small_capacity_reports_drops(self):
     x, _ = make_inputs(5)
-    _, _, aux = init_apply(build('top_k', k=2, capacity_factor=0.25, capacity_multiple_of=1),
+    small = Capacity(factor=0.25, multiple_of=1)
+    _, _, aux = init_apply(build(routers.TopK(k=2), capacity=small),
                            x, None)
     assert 0.0 < float(aux.metrics['dropped_fraction']) < 1.0
 
@@ -242,20 +248,21 @@ class MoELayerTest(parameterized.TestCase):
         assert 'expert' in b.names and len(b.names) == b.value.ndim
 
   @parameterized.named_parameters(
-      ('k_too_large', dict(router='top_k', k=7), 'k=7'),
-      ('bad_p', dict(router='top_p', p=1.5), 'p=1.5'),
-      ('zero_p', dict(router='top_p', p=0.0), 'p=0.0'),
-      ('bad_capacity', dict(router='top_k', capacity_factor=0.0), 'capacity_factor'),
-      ('bad_eval_capacity', dict(router='top_k', eval_capacity_factor=-1.0), 'eval_capacity'),
-      ('unknown_router', dict(router='top_q'), "router='top_q'"),
-      ('unknown_dispatch', dict(router='top_k', impl='scatter'), "dispatch_impl='scatter'"),
-      ('bad_activation', dict(router='top_k', activation='tanhh'), 'activation'),
-      ('bad_max_k', dict(router='top_p', max_k=0), 'max_k=0'),
+      ('k_too_large', lambda: build(routers.TopK(k=7)), 'k=7'),
+      ('bad_p', lambda: build(routers.TopP(p=1.5)), 'p=1.5'),
+      ('zero_p', lambda: build(routers.TopP(p=0.0)), 'p=0.0'),
+      ('bad_capacity', lambda: build('top_k', capacity=Capacity(factor=0.0)), 'factor=0.0'),
+      ('bad_eval_capacity', lambda: build('top_k', capacity=Capacity(eval_factor=-1.0)),
+       'eval_factor=-1.0'),
+      ('unknown_router', lambda: build('top_q'), "router='top_q'"),
+      ('unknown_dispatch', lambda: build('top_k', impl='scatter'), "dispatch_impl='scatter'"),
+      ('bad_activation', lambda: build('top_k', activation='tanhh'), 'activation'),
+      ('bad_max_k', lambda: build(routers.TopP(max_k=0)), 'max_k=0'),
   )
-  def test_bad_config_errors(self, kw, message):
+  def test_bad_config_errors(self, make, message):
     x, _ = make_inputs()
     with pytest.raises(ValueError, match=message):
-      build(**kw).init(jax.random.PRNGKey(0), x)
+      make().init(jax.random.PRNGKey(0), x)
 
   def test_wrong_last_dimension(self):
     x, _ = make_inputs()
@@ -273,24 +280,25 @@ class MoELayerTest(parameterized.TestCase):
 def _route_like_layer(moe, params, x, importance, training):
   from dynmoe_jax import routing
   tokens = x.reshape(-1, D)
-  if moe.router == 'top_any':
+  settings = moe.settings
+  if settings.name == 'top_any':
     return routing.top_any(tokens, params['gate_embeddings'], params['thresholds'],
                            training=training)
   logits = tokens @ params['router_kernel']
-  if moe.router == 'top_k':
-    return routing.top_k(logits, moe.k)
-  if moe.router == 'top_p':
-    return routing.top_p(logits, moe.p)
-  if moe.router == 'adaptive_k':
-    return routing.adaptive_k(logits, routing.importance_to_k(importance, moe.k).reshape(-1),
-                              moe.k)
-  return routing.expert_choice(logits, routing.expert_choice_capacity(B * S, E, moe.k))
+  if settings.name == 'top_k':
+    return routing.top_k(logits, settings.k)
+  if settings.name == 'top_p':
+    return routing.top_p(logits, settings.p)
+  if settings.name == 'adaptive_k':
+    k = routing.importance_to_k(importance, settings.max_k).reshape(-1)
+    return routing.adaptive_k(logits, k, settings.max_k)
+  return routing.expert_choice(logits, capacity.expert_choice_slots(B * S, E, settings.k))
 
 
 @pytest.mark.parametrize('impl', ['sort', 'ragged', 'all_experts_reference'])
 def test_flops_follow_the_rows_each_path_computes(impl):
   x, importance = make_inputs(4)
-  moe = build('top_k', impl, k=2, capacity_factor=1.0, capacity_multiple_of=8)
+  moe = build(routers.TopK(k=2), impl, capacity=Capacity(factor=1.0, multiple_of=8))
   rows = {'sort': E * moe.slots_per_expert(B * S, training=True), 'ragged': B * S * 2,
           'all_experts_reference': E * B * S}[impl]
   _, _, aux = init_apply(moe, x, importance)
@@ -308,7 +316,7 @@ def test_top_any_max_k_bounds_the_ragged_pair_list():
   unbounded = build('top_any', 'ragged')
   _, _, aux = init_apply(unbounded, x, importance)
   assert float(aux.rows) == B * S * E
-  bounded = build('top_any', 'ragged', max_k=2)
+  bounded = build(routers.TopAny(max_k=2), 'ragged')
   variables = bounded.init(jax.random.PRNGKey(0), x)
   (_, aux), state = bounded.apply(variables, x, training=True, mutable=['intermediates'])
   assert float(aux.rows) == B * S * 2
@@ -320,7 +328,7 @@ def test_top_any_max_k_bounds_the_ragged_pair_list():
 
 
 def test_an_explicit_capacity_is_taken_exactly_in_training_and_evaluation():
-  moe = build('top_k', k=2, capacity=3)  # the factor rule would round up to a multiple of 8
+  moe = build(routers.TopK(k=2), capacity=Capacity(slots=3))  # the rule: a multiple of 8
   assert moe.slots_per_expert(B * S, training=True) == 3
   assert moe.slots_per_expert(B * S, training=False) == 3
   x, importance = make_inputs()
@@ -330,27 +338,27 @@ def test_an_explicit_capacity_is_taken_exactly_in_training_and_evaluation():
 
 
 @pytest.mark.parametrize('kw,message', [
-    (dict(capacity=0), 'MoE.capacity must be an int >= 1'),
-    (dict(capacity=2.5), 'MoE.capacity must be an int >= 1'),
-    (dict(capacity=4, planned_capacity=(16, 64)), 'planned_capacity=(16, 64) re-plans them'),
+    (dict(slots=0), 'Capacity.slots=0 must be an int >= 1'),
+    (dict(slots=2.5), 'Capacity.slots=2.5 must be an int >= 1'),
+    (dict(slots=4, planned=(16, 64)), 're-plans the slots per expert that slots=4 fixes'),
 ])
 def test_a_bad_explicit_capacity_is_one_line(kw, message):
-  x, _ = make_inputs()
   with pytest.raises(ValueError, match=re.escape(message)):
-    build('top_k', **kw).init(jax.random.PRNGKey(0), x)
+    Capacity(**kw)
 
 
-@pytest.mark.parametrize('router,kw', [
-    ('top_k', dict(k=2, capacity=2, priority='batch')),  # overflow in every group
-    ('top_k', dict(k=1, capacity=1, priority='gshard')),
-    ('expert_choice', dict(k=2)),
-    ('top_any', dict(capacity=2)),
+@pytest.mark.parametrize('router,slots', [
+    (routers.TopK(k=2, priority='batch'), 2),  # overflow in every group
+    (routers.TopK(k=1, priority='gshard'), 1),
+    (routers.ExpertChoice(k=2), None),
+    (routers.TopAny(), 2),
 ])
-def test_routing_per_group_equals_routing_each_group_alone(router, kw):
+def test_routing_per_group_equals_routing_each_group_alone(router, slots):
   groups, group_size = 4, 6
   x = jax.random.normal(jax.random.PRNGKey(0), (groups, group_size, D))
-  grouped = layers.MoE(num_experts=E, hidden_dim=F, router=router, group_size=group_size, **kw)
-  alone = grouped.clone(group_size=None)
+  grouped = layers.MoE(num_experts=E, hidden_dim=F, router=router,
+                       capacity=Capacity(slots=slots, group_size=group_size))
+  alone = grouped.clone(capacity=Capacity(slots=slots))
   variables = grouped.init(jax.random.PRNGKey(1), x)
   y, aux = grouped.apply(variables, x, training=True)
   each = [alone.apply(variables, x[g], training=True) for g in range(groups)]
@@ -364,7 +372,7 @@ def test_routing_per_group_equals_routing_each_group_alone(router, kw):
 
 
 def test_routing_groups_must_divide_the_tokens():
-  moe = layers.MoE(num_experts=E, hidden_dim=F, group_size=5)
+  moe = layers.MoE(num_experts=E, hidden_dim=F, capacity=Capacity(group_size=5))
   with pytest.raises(ValueError, match='24 tokens do not split into routing groups of '
-                                       'group_size=5'):
+                                       'capacity.group_size=5'):
     moe.init(jax.random.PRNGKey(0), jnp.zeros((4, 6, D)))

@@ -67,7 +67,8 @@ def reference_l_aux(tokens, gate_embeddings, thresholds):
 
 
 def test_top_any_aux_loss_is_c_times_the_reference_l_aux():
-  from dynmoe_jax import layers
+  from dynmoe_jax import layers, routers
+  from dynmoe_jax.capacity import Capacity
   rng = np.random.RandomState(0)
   T, D, E, c = 64, 16, 6, 0.01
   tokens = rng.randn(T, D).astype(np.float32)
@@ -76,9 +77,9 @@ def test_top_any_aux_loss_is_c_times_the_reference_l_aux():
   want, gates = reference_l_aux(tokens.astype(np.float64), gate_embeddings.astype(np.float64),
                                 thresholds.astype(np.float64))
   assert 0 < (gates.sum(1) == 0).sum() < T  # tokens with no expert are excluded from balance
-  moe = layers.MoE(num_experts=E, hidden_dim=8, router='top_any', diversity_weight=c,
-                   simplicity_weight=c, load_balance_weight=c, efficiency_weight=c,
-                   capacity_factor=8.0)
+  weights = routers.TopAny(diversity_weight=c, simplicity_weight=c, load_balance_weight=c,
+                           efficiency_weight=c)
+  moe = layers.MoE(num_experts=E, hidden_dim=8, router=weights, capacity=Capacity(factor=8.0))
   params = nn.meta.unbox(moe.init(jax.random.PRNGKey(0), tokens)['params'])
   params = {**params, 'gate_embeddings': jnp.asarray(gate_embeddings),
             'thresholds': jnp.asarray(thresholds)}

@@ -6,9 +6,10 @@ import pytest
 from flax import nnx
 
 from dynmoe_jax import layers, nnx_layers
+from dynmoe_jax.capacity import Capacity
 
 D = 16
-SETTINGS = dict(num_experts=4, hidden_dim=32, capacity_factor=8.0)
+SETTINGS = dict(num_experts=4, hidden_dim=32, capacity=Capacity(factor=8.0))
 
 
 @pytest.mark.parametrize('router', ['top_any', 'top_k', 'adaptive_k'])

@@ -160,12 +160,12 @@ def test_skip_nonfinite_updates_keeps_going_and_counts(tmp_path, tiny_config):
 
 def test_dropped_fraction_warning(tmp_path, tiny_config, caplog):
   tiny_config.num_train_steps = 5
-  tiny_config.model.moe.capacity_factor = 0.1
-  tiny_config.model.moe.capacity_multiple_of = 1
+  tiny_config.model.moe.capacity.factor = 0.1
+  tiny_config.model.moe.capacity.multiple_of = 1
   tiny_config.dropped_fraction_warning = 0.05
   with caplog.at_level('WARNING', logger='dynmoe_jax'):
     train.Trainer(tiny_config, str(tmp_path)).run()
-  assert 'dropped' in caplog.text and 'raise model.moe.capacity_factor' in caplog.text
+  assert 'dropped' in caplog.text and 'raise model.moe.capacity.factor' in caplog.text
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_config):

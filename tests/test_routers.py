@@ -1,4 +1,5 @@
 """dynmoe_jax.routers: the registry is the only place that knows router names."""
+import dataclasses
 import os
 import re
 
@@ -8,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynmoe_jax import layers, routers
+from dynmoe_jax import capacity, layers, routers
+from dynmoe_jax.capacity import Capacity
+from dynmoe_jax.settings import SettingsError
 from tests.conftest import ROOT
 
 E, D, F = 4, 8, 16
@@ -17,9 +20,9 @@ E, D, F = 4, 8, 16
 def test_every_router_creates_exactly_its_router_params():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, D))
   # every option that adds a router parameter on, so that all of them are created
-  options = {'top_any': {'top_any_learned_scale': True}}
+  options = {'top_any': routers.TopAny(learned_scale=True)}
   for name, spec in routers.REGISTRY.items():
-    moe = layers.MoE(num_experts=E, hidden_dim=F, router=name, **options.get(name, {}))
+    moe = layers.MoE(num_experts=E, hidden_dim=F, router=options.get(name, name))
     importance = jnp.ones((2, 5)) if spec.needs_token_importance else None
     params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
                            ['params'])
@@ -27,43 +30,73 @@ def test_every_router_creates_exactly_its_router_params():
     assert all(routers.is_router_param(p) for p in spec.router_params)
 
 
+def slots(router, tokens=64, training=True, **capacity_fields):
+  return capacity.slots_per_expert(Capacity(**capacity_fields), router, tokens, E, training)
+
+
 def test_capacity_rules():
-  settings = lambda **kw: layers.MoE(num_experts=E, hidden_dim=F, **kw)
   # expert choice: each expert takes ceil(k * T / E) tokens, whatever the capacity factor
-  assert routers.capacity(settings(router='expert_choice', k=2), 64, E, True) == 32
-  # dynamic routers size for expected_k, defaulting to k (DA-MoE: its max_k)
-  base = routers.capacity(settings(router='top_any', k=2), 64, E, True)
-  assert routers.capacity(settings(router='top_any', k=2, expected_k=1.0), 64, E, True) < base
-  assert routers.capacity(settings(router='adaptive_k', k=2, max_k=4), 64, E, True) == \
-      routers.capacity(settings(router='top_any', k=4), 64, E, True)
-  assert routers.get('top_k').pairs_per_token(settings(router='top_k', k=3)) == 3
-  assert routers.get('top_any').pairs_per_token(settings()) is None
+  assert slots(routers.ExpertChoice(k=2), factor=8.0) == 32
+  # dynamic routers size for expected_k (DA-MoE: its max_k unless set)
+  base = slots(routers.TopAny())
+  assert slots(routers.TopAny(expected_k=1.0)) < base
+  assert slots(routers.AdaptiveK(max_k=4)) == slots(routers.TopAny(expected_k=4.0))
+  assert slots(routers.TopK(k=3)) == slots(routers.TopK(k=2, expected_k=3.0))
+  assert routers.TopK(k=3).pairs_per_token() == 3
+  assert routers.TopAny().pairs_per_token() is None
+  assert slots(routers.TopK(k=1), slots=5) == 5  # explicit: as given, no rounding
 
 
 def test_planned_capacity_replaces_the_rule_and_scales_with_tokens():
-  moe = lambda **kw: layers.MoE(num_experts=E, hidden_dim=F, capacity_factor=2.0,
-                                eval_capacity_factor=4.0, **kw)
-  planned = moe(router='top_any', planned_capacity=(13, 64), capacity_multiple_of=1)
-  assert routers.capacity(planned, 64, E, True) == 13      # the planned call: exactly
-  assert routers.capacity(planned, 32, E, True) == 7       # a device's half: ceil(6.5)
-  assert routers.capacity(planned, 64, E, False) == 26     # evaluation: x eval/train factor
-  assert routers.capacity(planned, 5, E, True) == 2
-  rounded = moe(router='top_k', planned_capacity=(13, 64))  # capacity_multiple_of 8
-  assert routers.capacity(rounded, 64, E, True) == 16
-  assert routers.capacity(rounded, 8, E, True) == 8         # never more than the tokens
+  planned = dict(factor=2.0, eval_factor=4.0, planned=(13, 64))
+  top_any = routers.TopAny()
+  assert slots(top_any, 64, multiple_of=1, **planned) == 13   # the planned call: exactly
+  assert slots(top_any, 32, multiple_of=1, **planned) == 7    # a device's half: ceil(6.5)
+  assert slots(top_any, 64, False, multiple_of=1, **planned) == 26  # evaluation: x eval/train
+  assert slots(top_any, 5, multiple_of=1, **planned) == 2
+  assert slots(routers.TopK(), 64, **planned) == 16           # rounded to multiple_of 8
+  assert slots(routers.TopK(), 8, **planned) == 8             # never more than the tokens
   # Expert choice keeps its own capacity.
-  fixed = moe(router='expert_choice', k=2, planned_capacity=(3, 64))
-  assert routers.capacity(fixed, 64, E, True) == 32
-  with pytest.raises(ValueError, match='planned_capacity must be'):
-    moe(router='top_any', planned_capacity=(0, 64))._validate()
+  assert slots(routers.ExpertChoice(k=2), 64, **planned) == 32
+  with pytest.raises(SettingsError, match=r'Capacity.planned=\(0, 64\) must be'):
+    Capacity(planned=(0, 64))
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda: routers.TopK(k=0), 'TopK.k=0 must be an int >= 1'),
+    (lambda: routers.TopP(p=1.5), r'TopP.p=1.5 must be in \(0, 1\]'),
+    (lambda: routers.TopAny(priority='fifo'), "TopAny.priority='fifo' must be one of"),
+    (lambda: routers.TopAny(learned_scale=True, scale=200.0), 'TopAny.max_scale=100.0'),
+    (lambda: routers.AdaptiveK(expected_k=-1.0), 'AdaptiveK.expected_k=-1.0 must be'),
+    (lambda: routers.ExpertChoice(z_loss_weight=-1.0), 'ExpertChoice.z_loss_weight=-1.0'),
+    (lambda: Capacity(factor=0.0), 'Capacity.factor=0.0 must be a number > 0'),
+    (lambda: Capacity(slots=4, planned=(8, 64)), 'slots=4 fixes: set one'),
+])
+def test_settings_refuse_bad_values_when_built(make, message):
+  with pytest.raises(SettingsError, match=message):
+    make()
 
 
 def test_checks_name_the_field():
-  s = layers.MoE(num_experts=E, hidden_dim=F, router='top_k', k=9, max_k=7)
-  assert routers.check(s, E) == [('k', 'must be <= the 4 experts'), ('max_k', 'must be in [1, 4]')]
-  assert routers.check(layers.MoE(num_experts=E, hidden_dim=F, router='top_any', k=9), E) == []
+  assert routers.check(routers.TopK(k=9), Capacity(), E) == [
+      ('k', 'must be <= the 4 experts')]
+  assert routers.check(routers.TopP(max_k=7), Capacity(), E) == [
+      ('max_k', 'must be <= the 4 experts')]
+  assert routers.check('expert_choice', Capacity(slots=3), E) == [
+      ('capacity.slots', "is unused: router 'expert_choice' fixes its own capacity")]
+  assert routers.check('top_any', Capacity(), E) == []
   with pytest.raises(ValueError, match="router='top_q' is not one of"):
     routers.get('top_q')
+  with pytest.raises(ValueError, match=r'TopK.k=9 must be <= the 4 experts \(num_experts=4\)'):
+    layers.MoE(E, F, router=routers.TopK(k=9)).init(jax.random.PRNGKey(0), jnp.ones((4, D)))
+
+
+def test_a_router_name_means_its_default_settings():
+  for name, spec in routers.REGISTRY.items():
+    assert routers.resolve(name) == (spec, spec.settings())
+    assert routers.resolve(spec.settings()) == (spec, spec.settings())
+  with pytest.raises(ValueError, match='neither a router name'):
+    routers.resolve(Capacity())
 
 
 @pytest.mark.parametrize('router', ['top_any', 'top_k'])
@@ -91,7 +124,7 @@ def test_no_module_outside_the_registry_switches_on_a_router_name():
   for root, _, files in os.walk(package):
     for name in files:
       path = os.path.join(root, name)
-      if not name.endswith('.py') or path.endswith(os.path.join('dynmoe_jax', 'routers.py')):
+      if not name.endswith('.py') or os.path.join('dynmoe_jax', 'routers') in path:
         continue
       for number, line in enumerate(open(path), 1):
         if ROUTER_NAME.search(line) or re.search(r"\brouter\s*(==|!=)", line):
@@ -116,14 +149,18 @@ def norm(tree):
   return float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(tree))))
 
 
-NO_AUX = dict(load_balance_weight=0.0, z_loss_weight=0.0, entropy_weight=0.0,
-              diversity_weight=0.0, simplicity_weight=0.0, efficiency_weight=0.0)
+def no_aux(settings):
+  """The settings with every auxiliary loss weighted 0."""
+  return dataclasses.replace(settings, **{f.name: 0.0 for f in dataclasses.fields(settings)
+                                          if f.name.endswith('_weight')})
+
+
 # Settings under which every token gets a single expert, for each router that can give one.
 SINGLE_EXPERT = {
-    'top_k': dict(k=1),
-    'top_p': dict(p=1e-3),
-    'adaptive_k': dict(k=1, max_k=1),
-    'top_any': dict(top_any_train_fallback=True),  # thresholds set so that none passes
+    'top_k': routers.TopK(k=1),
+    'top_p': routers.TopP(p=1e-3),
+    'adaptive_k': routers.AdaptiveK(max_k=1),
+    'top_any': routers.TopAny(train_fallback=True),  # thresholds set so that none passes
 }
 
 
@@ -131,9 +168,10 @@ def test_top_1_trains_its_router_from_the_task_as_switch_does():
   # Switch multiplies by the raw probability: renormalising one expert's weight gives
   # p / p = 1 and the router almost no task gradient.
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, D))  # T=48, E=4
-  default = layers.MoE(num_experts=E, hidden_dim=F, router='top_k', k=1, capacity_factor=8.0,
-                       **NO_AUX)
-  params, raw = task_gradients(default.clone(normalize_top_k=False), x)
+  top_1 = no_aux(routers.TopK(k=1))
+  default = layers.MoE(num_experts=E, hidden_dim=F, router=top_1, capacity=Capacity(factor=8.0))
+  params, raw = task_gradients(
+      default.clone(router=dataclasses.replace(top_1, normalize=False)), x)
   _, default = task_gradients(default, x, params=params)
   raw_norm, default_norm = norm(raw['router_kernel']), norm(default['router_kernel'])
   assert raw_norm > 1.0
@@ -145,8 +183,8 @@ def test_a_token_given_one_expert_still_sends_the_task_gradient_to_its_router(ro
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, D))
   spec = routers.get(router)
   importance = jnp.zeros((3, 16)) if spec.needs_token_importance else None
-  moe = layers.MoE(num_experts=E, hidden_dim=F, router=router, capacity_factor=8.0,
-                   **{**NO_AUX, **SINGLE_EXPERT[router]})
+  moe = layers.MoE(num_experts=E, hidden_dim=F, router=no_aux(SINGLE_EXPERT[router]),
+                   capacity=Capacity(factor=8.0))
   params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
                          ['params'])
   if router == 'top_any':

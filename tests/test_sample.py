@@ -54,10 +54,12 @@ def test_generate_is_greedy_at_temperature_zero_and_counts_experts():
 
 
 def test_generate_routes_with_a_budgets_controls():
+  from dynmoe_jax import routers
+  from dynmoe_jax.capacity import Capacity
   from dynmoe_jax.models import decoder
   from tests.test_decoder import V
-  moe = dict(router='top_p', p=0.5, hidden_dim=32, glu=True, activation='silu',
-             capacity_factor=8.0, eval_capacity_factor=8.0)
+  moe = dict(router=routers.TopP(p=0.5), hidden_dim=32, glu=True, activation='silu',
+             capacity=Capacity(factor=8.0, eval_factor=8.0))
   model = decoder.DecoderLM(num_layers=2, dim=32, num_heads=2, mlp_dim=64,
                             experts_per_layer=(0, 4), moe=moe, vocab_size=V, max_len=32)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens())['params'])

@@ -1,6 +1,9 @@
 """End-to-end training on CPU with the tiny config: learning, checkpoints, exact resume."""
+import hashlib
 import json
 import os
+import pathlib
+import shutil
 
 import chex
 import jax
@@ -9,7 +12,8 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import plots, train
-from tests.conftest import killed_and_resumed, load_config, run_main, snapshot
+from dynmoe_jax.train import compat
+from tests.conftest import ROOT, killed_and_resumed, load_config, run_main, snapshot
 
 pytestmark = pytest.mark.slow  # end-to-end: trains models
 
@@ -119,7 +123,7 @@ def test_workdir_of_a_different_model_is_refused(tmp_path, tiny_config):
 def test_command_line_overrides_reach_the_model(tmp_path):
   proc = run_main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
                    '--config.num_train_steps=2', '--config.model.moe.router=top_k',
-                   '--config.model.moe.num_experts=3', '--config.model.moe.k=1',
+                   '--config.model.moe.num_experts=3', '--config.model.moe.top_k.k=1',
                    '--config.model.moe_layers=all'])
   assert proc.returncode == 0, proc.stderr[-3000:]
   # one summary line; the whole result is in the workdir
@@ -137,9 +141,9 @@ def test_command_line_overrides_reach_the_model(tmp_path):
 
 def test_bad_config_fails_before_compilation_naming_the_field(tmp_path):
   proc = run_main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
-                   '--config.model.moe.k=9', '--config.model.moe.router=top_k'], timeout=120)
+                   '--config.model.moe.top_k.k=9', '--config.model.moe.router=top_k'], timeout=120)
   assert proc.returncode != 0
-  assert 'config.model.moe.k=9' in proc.stderr
+  assert 'config.model.moe.top_k.k=9' in proc.stderr
   assert not (tmp_path / 'checkpoints').exists()
 
 
@@ -209,13 +213,13 @@ def test_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tiny_config
 @pytest.mark.parametrize('horizon', [None, 5.0])
 def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, tiny_config,
                                                                      horizon):
-  tiny_config.model.moe.target_experts_per_token = 1.0
-  tiny_config.model.moe.budget_rate = 1.2
-  tiny_config.model.moe.budget_horizon = horizon
+  tiny_config.budget.target_experts_per_token = 1.0
+  tiny_config.budget.rate = 1.2
+  tiny_config.budget.horizon = horizon
   straight = train.Trainer(tiny_config, str(tmp_path / 'straight'))
   straight.run()
   weight = float(straight.state.moe_controls['layer_1'])
-  assert weight != pytest.approx(tiny_config.model.moe.efficiency_weight)
+  assert weight != pytest.approx(tiny_config.model.moe.top_any.efficiency_weight)
   again, _ = killed_and_resumed(tiny_config, str(tmp_path / 'resumed'), kill_after=13)
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
   rows = metrics_rows(tmp_path / 'straight')
@@ -227,8 +231,8 @@ def test_budget_controllers_move_are_checkpointed_and_resume_exactly(tmp_path, t
 def test_a_top_p_budget_lowers_p_while_top_p_takes_more_experts_and_resumes_exactly(
     tmp_path):
   config = load_config('tiny', 'top_p')
-  config.model.moe.p = 0.9  # most of 4 experts per token: far above a target of 1.2
-  config.model.moe.target_experts_per_token = 1.2
+  config.model.moe.top_p.p = 0.9  # most of 4 experts per token: far above a target of 1.2
+  config.budget.target_experts_per_token = 1.2
   straight = train.Trainer(config, str(tmp_path / 'straight'))
   straight.run()
   rows = [r for r in metrics_rows(tmp_path / 'straight') if 'moe/layer_1/p' in r]
@@ -245,40 +249,77 @@ def test_a_top_p_budget_lowers_p_while_top_p_takes_more_experts_and_resumes_exac
   chex.assert_trees_all_equal(jax.device_get(straight.state), jax.device_get(again.state))
 
 
-def test_a_run_saved_before_a_config_field_existed_resumes_with_the_old_behaviour(
-    tmp_path, tiny_config):
+def v1_config(run: str):
+  """The config.json of a fixture run saved in config layout 1 (flat model.moe)."""
+  return json.loads((pathlib.Path(ROOT) / 'tests' / 'fixtures' / 'v1_runs' / run /
+                     'config.json').read_text())
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_with_the_old_behaviour():
   """A budget run saved by the version before budget_horizon existed (its config lacks the
-  field, its error unit None): resumed with both at 0, what the command line can say."""
-  tiny_config.num_train_steps = 4
-  tiny_config.checkpoint_every = 4
-  tiny_config.model.moe.target_experts_per_token = 1.0
-  tiny_config.model.moe.budget_error_unit = tiny_config.model.moe.budget_horizon = None
-  train.Trainer(tiny_config, str(tmp_path)).run()
-  meta_file = tmp_path / 'checkpoints' / '4' / 'meta' / 'metadata'
-  meta = json.loads(meta_file.read_text())
-  del meta['config']['model']['moe']['budget_horizon']
-  meta_file.write_text(json.dumps(meta))
-  tiny_config.num_train_steps = 6
-  tiny_config.model.moe.budget_error_unit = tiny_config.model.moe.budget_horizon = 0.0
-  assert train.Trainer(tiny_config, str(tmp_path)).run()['eval']['step'] == 6
-  # the new defaults are another controller: refused, naming both fields
-  tiny_config.num_train_steps = 8
-  tiny_config.model.moe.budget_error_unit, tiny_config.model.moe.budget_horizon = 0.1, 20.0
-  with pytest.raises(ValueError, match=r"fields differ: \['model.moe.budget_error_unit', "
-                                       r"'model.moe.budget_horizon'\]"):
-    train.Trainer(tiny_config, str(tmp_path)).run()
+  field, its error unit None): it compares equal to both at 0, what the command line can
+  say, and unequal to the new defaults."""
+  saved = v1_config('top_any_budget')
+  assert 'config_version' not in saved and 'target_experts_per_token' in saved['model']['moe']
+  del saved['model']['moe']['budget_horizon']
+  saved['model']['moe']['budget_error_unit'] = None
+  config = load_config('tiny')
+  config.budget.target_experts_per_token = 1.5
+  config.budget.error_unit = config.budget.horizon = 0.0
+  assert compat.differences(saved, compat.config_json(config)) == []
+  config.budget.error_unit, config.budget.horizon = 0.1, 20.0
+  assert [d[0] for d in compat.differences(saved, compat.config_json(config))] == [
+      'budget.error_unit', 'budget.horizon']
 
 
-def test_a_run_saved_with_the_old_routing_defaults_resumes_where_they_are_the_rule(tmp_path):
-  from dynmoe_jax.train import compat
+def test_a_run_saved_with_the_old_routing_defaults_resumes_where_they_are_the_rule():
   config = load_config('tiny', 'top_k')  # k = 2
-  saved = compat.config_json(config)
+  config.model.moe.capacity.factor, config.model.moe.capacity.group_size = 1.5, 20
+  saved = v1_config('top_k_groups')
   saved['model']['moe'].update(normalize_top_k=True, priority='score')  # before the rules
   assert compat.differences(saved, compat.config_json(config)) == [
-      ('model.moe.priority', 'score', None)]  # top_k's rule is now 'gshard'
-  config.model.moe.priority = 'score'
+      ('model.moe.top_k.priority', 'score', 'gshard')]  # top_k's default is now 'gshard'
+  config.model.moe.top_k.priority = 'score'
   assert compat.differences(saved, compat.config_json(config)) == []  # k=2 renormalised
-  config.model.moe.k = 1
-  saved['model']['moe']['k'] = 1
+  config.model.moe.top_k.k = 1
+  saved['model']['moe']['k'] = 1  # the other routers' sections (k=1) are not compared
   assert [d[0] for d in compat.differences(saved, compat.config_json(config))] == [
-      'model.moe.normalize_top_k']  # top-1 renormalised then, raw now
+      'model.moe.top_k.normalize']  # top-1 renormalised then, raw now
+
+
+@pytest.mark.parametrize('run', ['top_any_budget', 'top_k_groups'])
+def test_a_run_saved_in_config_layout_1_resumes_bit_exactly(tmp_path, run):
+  """tests/fixtures/v1_runs: runs saved at step 10 by the code of layout 1 (flat
+  model.moe; tests/fixtures/make_v1_runs.py), resumed to step 20 by this version with the
+  same run's config in layout 2. Their state and evaluation at step 20 are those of the
+  old code's own continuation, recorded beside them (on the machine that made them: the
+  state's bytes are compared where XLA's CPU numerics match)."""
+  workdir = tmp_path / run
+  shutil.copytree(pathlib.Path(ROOT) / 'tests' / 'fixtures' / 'v1_runs' / run, workdir)
+  expected = json.loads((pathlib.Path(ROOT) / 'tests' / 'fixtures' / 'v1_runs' /
+                         f'{run}.expected.json').read_text())
+  config = load_config('tiny', 'top_any' if run == 'top_any_budget' else 'top_k')
+  config.num_train_steps, config.checkpoint_every, config.eval_every = 20, 10, 10
+  if run == 'top_any_budget':
+    config.budget.target_experts_per_token = 1.5
+  else:
+    config.model.moe.capacity.factor, config.model.moe.capacity.group_size = 1.5, 20
+  trainer = train.Trainer(config, str(workdir))
+  assert int(trainer.restore_or_init().step) == 10  # the old checkpoint, read back
+  result = trainer.run()
+  assert result['step'] == 20
+  rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  rows = [r for r in rows if r.get('step', 0) > 10]
+  assert [r['split'] for r in rows] == [r['split'] for r in expected['rows_after_step_10']]
+  for got, want in zip(rows, expected['rows_after_step_10']):
+    for key, value in want.items():
+      if isinstance(value, float) and 'seconds' not in key and 'per_sec' not in key:
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, err_msg=key)
+  np.testing.assert_allclose(result['eval']['loss'], expected['eval']['loss'], rtol=1e-4)
+  if result['eval'] == expected['eval']:  # this CPU computes as the fixtures' did: bit-exact
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(trainer.state)):
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+    assert digest.hexdigest() == expected['state_sha256']
+  # the resumed run's own saves are layout 2: it resumes again without migrating
+  assert json.loads((workdir / 'config.json').read_text())['config_version'] == 2

@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dynmoe_jax import routers
+from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.models import transformer
 
-MOE = {'hidden_dim': 8, 'router': 'top_k', 'k': 1, 'capacity_factor': 8.0,
-       'eval_capacity_factor': 8.0}
+MOE = {'hidden_dim': 8, 'router': routers.TopK(k=1),
+       'capacity': Capacity(factor=8.0, eval_factor=8.0)}
 
 
 def model(**kw):

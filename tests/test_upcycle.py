@@ -8,18 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from dynmoe_jax import train, upcycle
+from dynmoe_jax import routers, train, upcycle
+from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.models import transformer
 from tests.conftest import killed_and_resumed, load_config
 
 D, H, E = 16, 32, 4
 
 
-def models(router, **moe):
+def models(router):
+  """router: a name (top_k: k=2) or a settings object."""
   kw = dict(task='classify', stem='conv1d', num_layers=2, dim=D, num_heads=2, mlp_dim=H,
             ffn_bias=False, max_len=64)
-  settings = dict(router=router, hidden_dim=H, k=2, capacity_factor=8.0,
-                  eval_capacity_factor=8.0, **moe)
+  settings = dict(router=router, hidden_dim=H, capacity=Capacity(factor=8.0, eval_factor=8.0))
   dense = transformer.MoETransformer(experts_per_layer=(0, 0), moe=settings, **kw)
   sparse = transformer.MoETransformer(experts_per_layer=(0, E), moe=settings, **kw)
   return dense, sparse, settings
@@ -29,8 +30,8 @@ def signals(n=8, seed=0):
   return jax.random.normal(jax.random.PRNGKey(seed), (n, 40))
 
 
-def upcycled(router, **moe):
-  dense, sparse, settings = models(router, **moe)
+def upcycled(router):
+  dense, sparse, settings = models(router)
   x = signals()
   dense_params = nn.meta.unbox(dense.init(jax.random.PRNGKey(0), x)['params'])
   fresh = nn.meta.unbox(sparse.init(jax.random.PRNGKey(1), x)['params'])
@@ -67,7 +68,7 @@ def test_upcycled_model_computes_the_dense_model(router):
 @pytest.mark.parametrize('target', [1.0, 1.5, 3.0])
 def test_top_any_thresholds_give_the_target_experts_per_token(target):
   dense, sparse, dense_params, params, inputs, _ = upcycled(
-      'top_any', target_experts_per_token=target)
+      routers.TopAny().with_budget(target))
   moe = params['layer_1']['moe']
   unit = inputs['layer_1'] / np.linalg.norm(inputs['layer_1'], axis=1, keepdims=True)
   active = (unit @ np.asarray(moe['gate_embeddings'], np.float64).T
@@ -94,12 +95,12 @@ def test_partition_splits_the_dense_hidden_units():
   sparse = transformer.MoETransformer(
       task='classify', stem='conv1d', num_layers=2, dim=D, num_heads=2, mlp_dim=H,
       ffn_bias=False, max_len=64, experts_per_layer=(0, E),
-      moe={**settings, 'hidden_dim': H // E, 'k': E})
+      moe={**settings, 'hidden_dim': H // E, 'router': routers.TopK(k=E)})
   x = signals()
   dense_params = nn.meta.unbox(dense.init(jax.random.PRNGKey(0), x)['params'])
   fresh = nn.meta.unbox(sparse.init(jax.random.PRNGKey(1), x)['params'])
-  params = upcycle.upcycle_params(dense_params, fresh, moe_settings={**settings,
-                                  'hidden_dim': H // E}, partition=True)
+  params = upcycle.upcycle_params(dense_params, fresh, moe_settings={
+      **settings, 'hidden_dim': H // E, 'router': routers.TopK(k=E)}, partition=True)
   wi = dense_params['layer_1']['wi']['kernel']
   np.testing.assert_array_equal(np.concatenate(list(params['layer_1']['moe']['wi']), 1), wi)
   # With all E experts active at weight 1/E (a zero router kernel: uniform softmax), the
@@ -146,7 +147,7 @@ def moe_tiny(init_from, router='top_k'):
   config = load_config('tiny', router)
   config.model.ffn_bias = False
   config.init_from = init_from
-  config.model.moe.eval_capacity_factor = 8.0  # no eval drops: the step-0 loss is exact
+  config.model.moe.capacity.eval_factor = 8.0  # no eval drops: the step-0 loss is exact
   return config
 
 

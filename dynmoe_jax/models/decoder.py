@@ -11,13 +11,13 @@ from seeing it.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import flops, layers, names, routers
+from dynmoe_jax import flops, layers, routers
 from dynmoe_jax.models import transformer
 
 REMAT_POLICIES = {
@@ -170,7 +170,7 @@ class DecoderLM(nn.Module):
   mlp_dim: int
   experts_per_layer: Tuple[int, ...]
   moe: Mapping[str, Any]
-  planned_capacity: Tuple[Optional[Tuple[int, int]], ...] = ()
+  capacity_plans: Tuple[Optional[Tuple[int, int]], ...] = ()
   vocab_size: int = 257
   shared_expert: bool = False
   tie_embeddings: bool = True
@@ -193,7 +193,8 @@ class DecoderLM(nn.Module):
                        f'{self.num_layers} layers')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}')
-    if any(self.experts_per_layer) and routers.get(self.moe['router']).needs_token_importance:
+    if any(self.experts_per_layer) and routers.resolve(
+        self.moe['router'])[0].needs_token_importance:
       raise ValueError(f"router {self.moe['router']!r} reads attention probabilities, which "
                        "the decoder's fused attention does not produce; use model.arch="
                        "'transformer'")
@@ -208,19 +209,16 @@ class DecoderLM(nn.Module):
     if self.remat != 'none':
       block_type = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.remat],
                             static_argnums=(2,))
-    moe_aux: Dict[str, layers.MoEAux] = {}
-    for i, num_experts in enumerate(self.experts_per_layer):
-      moe = transformer.block_moe_settings(self.moe, self.planned_capacity, i)
-      block = block_type(self.num_heads, self.mlp_dim, num_experts, moe, self.shared_expert,
-                         self.rope_base, self.attention_impl, self.dtype, self.param_dtype,
-                         self.decode, self.max_len, name=names.layer_name(i))
-      x, aux = block(x, training, token_mask, (moe_controls or {}).get(names.layer_name(i)))
-      if aux is not None:
-        moe_aux[names.layer_name(i)] = aux
+    x, aux = transformer.stack_blocks(
+        x, self.experts_per_layer, self.moe, self.capacity_plans, moe_controls,
+        lambda num_experts, moe, name: block_type(
+            self.num_heads, self.mlp_dim, num_experts, moe, self.shared_expert, self.rope_base,
+            self.attention_impl, self.dtype, self.param_dtype, self.decode, self.max_len,
+            name=name),
+        lambda block, h, controls: block(h, training, token_mask, controls))
     x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm_final')(x)
     if self.tie_embeddings:
       logits = embed.attend(x) / jnp.sqrt(self.dim).astype(x.dtype)
     else:
       logits = x @ _kernel(self, 'head', (self.dim, self.vocab_size), ('embed', 'vocab'), 0, 1)
-    total = sum((a.loss for a in moe_aux.values()), jnp.zeros((), jnp.float32))
-    return logits.astype(jnp.float32), {'loss': total, 'moe': moe_aux}
+    return logits.astype(jnp.float32), aux

@@ -8,13 +8,14 @@ give important tokens more experts.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import flops, layers, names, routers
+from dynmoe_jax import flops, layers, names
 
 STEMS = ('conv1d', 'patch', 'embed')
 TASKS = ('classify', 'lm')
@@ -92,12 +93,34 @@ def token_importance(probs: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 def block_moe_settings(moe: Mapping[str, Any],
-                       planned_capacity: Tuple[Optional[Tuple[int, int]], ...],
+                       capacity_plans: Tuple[Optional[Tuple[int, int]], ...],
                        block: int) -> Mapping[str, Any]:
   """The MoE fields of block `block`: `moe`, with that block's re-planned capacity
-  (`layers.MoE.planned_capacity`) where it has one."""
-  planned = planned_capacity[block] if planned_capacity else None
-  return moe if planned is None else {**moe, 'planned_capacity': planned}
+  (`capacity.Capacity.planned`) where it has one."""
+  planned = capacity_plans[block] if capacity_plans else None
+  if planned is None:
+    return moe
+  return {**moe, 'capacity': dataclasses.replace(moe['capacity'], planned=tuple(planned))}
+
+
+def stack_blocks(x, experts_per_layer: Sequence[int], moe: Mapping[str, Any],
+                 capacity_plans: Tuple[Optional[Tuple[int, int]], ...],
+                 moe_controls: Optional[Mapping[str, Any]],
+                 make_block: Callable[[int, Mapping[str, Any], str], nn.Module],
+                 apply_block: Callable[..., Tuple[jax.Array, Optional[layers.MoEAux]]]):
+  """The block loop of both models, called inside their compact `__call__`: block i is
+  `make_block(its experts (0: dense), its MoE fields, 'layer_<i>')`, applied as
+  `apply_block(block, x, its budget controls or None)`. Returns (x, {'loss': the summed
+  auxiliary loss, 'moe': {'layer_<i>': MoEAux} of the MoE blocks})."""
+  moe_aux: Dict[str, layers.MoEAux] = {}
+  for i, num_experts in enumerate(experts_per_layer):
+    name = names.layer_name(i)
+    block = make_block(num_experts, block_moe_settings(moe, capacity_plans, i), name)
+    x, aux = apply_block(block, x, (moe_controls or {}).get(name))
+    if aux is not None:
+      moe_aux[name] = aux
+  total = sum((a.loss for a in moe_aux.values()), jnp.zeros((), jnp.float32))
+  return x, {'loss': total, 'moe': moe_aux}
 
 
 class Block(nn.Module):
@@ -122,7 +145,7 @@ class Block(nn.Module):
       moe = layers.MoE(num_experts=self.num_experts, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='moe', **dict(self.moe))
       importance = (token_importance(probs, attention_mask)
-                    if routers.get(moe.router).needs_token_importance else None)
+                    if moe.spec.needs_token_importance else None)
       h, aux = moe(h, training=training, token_importance=importance, token_mask=token_mask,
                    controls=controls)
     else:
@@ -182,8 +205,8 @@ class MoETransformer(nn.Module):
   experts_per_layer: Tuple[int, ...]
   moe: Mapping[str, Any]
   # Per block: (slots, tokens) re-planned from routing, or None for the capacity rule
-  # (`layers.MoE.planned_capacity`); empty = None everywhere.
-  planned_capacity: Tuple[Optional[Tuple[int, int]], ...] = ()
+  # (`capacity.Capacity.planned`); empty = None everywhere.
+  capacity_plans: Tuple[Optional[Tuple[int, int]], ...] = ()
   num_classes: int = 10
   vocab_size: int = 257
   max_len: int = 512
@@ -225,15 +248,12 @@ class MoETransformer(nn.Module):
       attention_mask = attention_mask & jnp.tril(jnp.ones((seq_len, seq_len), bool))
     token_mask = None if example_mask is None else jnp.broadcast_to(
         (example_mask > 0)[:, None], x.shape[:2])
-    moe_aux: Dict[str, layers.MoEAux] = {}
-    for i, num_experts in enumerate(self.experts_per_layer):
-      moe = block_moe_settings(self.moe, self.planned_capacity, i)
-      block = Block(self.num_heads, self.mlp_dim, num_experts, moe, self.dropout,
-                    self.dtype, self.param_dtype, self.ffn_bias, name=names.layer_name(i))
-      x, aux = block(x, attention_mask, training, token_mask,
-                     (moe_controls or {}).get(names.layer_name(i)))
-      if aux is not None:
-        moe_aux[names.layer_name(i)] = aux
+    x, aux = stack_blocks(
+        x, self.experts_per_layer, self.moe, self.capacity_plans, moe_controls,
+        lambda num_experts, moe, name: Block(self.num_heads, self.mlp_dim, num_experts, moe,
+                                             self.dropout, self.dtype, self.param_dtype,
+                                             self.ffn_bias, name=name),
+        lambda block, h, controls: block(h, attention_mask, training, token_mask, controls))
     x = layer_norm(self.dtype, 'ln_final')(x)
     if self.task == 'classify':
       if self.pool == 'cls':
@@ -245,8 +265,7 @@ class MoETransformer(nn.Module):
                      'head')(x)
     else:
       logits = dense(self.vocab_size, ('embed', 'vocab'), self.dtype, self.param_dtype, 'head')(x)
-    total = sum((a.loss for a in moe_aux.values()), jnp.zeros((), jnp.float32))
-    return logits.astype(jnp.float32), {'loss': total, 'moe': moe_aux}
+    return logits.astype(jnp.float32), aux
 
 
 def experts_per_layer(num_layers: int, moe_layers, num_experts) -> Tuple[int, ...]:

@@ -11,13 +11,15 @@ the one place where further layout decisions plug in.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 
-from dynmoe_jax import adaptive, dispatch, layers, names, routers
+from dynmoe_jax import adaptive, config_lib, layers, names
+from dynmoe_jax import capacity as capacity_lib
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train.compiled import Compiled
 from dynmoe_jax.train.metrics_log import MetricsLog
@@ -29,7 +31,8 @@ class LayoutBoundary:
 
   def __init__(self, config, compile_fn: Callable[[Layout], Compiled], metrics: MetricsLog):
     self.settings = config.adaptive
-    self.moe_settings = config.model.moe
+    self.router_settings = config_lib.router_settings(config)
+    self.capacity = config_lib.moe_kwargs(config)['capacity']
     self.router = config.model.moe.router
     self.seed = config.seed
     self.num_train_steps = config.num_train_steps
@@ -49,15 +52,14 @@ class LayoutBoundary:
   def planned(self, current: Layout) -> Layout:
     """The layout the next boundary gives, from the records alone."""
     a = self.settings
-    rule = adaptive.CapacityRule(
+    rule = capacity_lib.PlanRule(
         a.capacity_quantile, a.capacity_headroom, a.capacity_max_dropped,
-        a.capacity_tolerance, self.moe_settings.capacity_multiple_of) if a.capacity else None
+        a.capacity_tolerance, self.capacity.multiple_of) if a.capacity else None
 
     def current_slots(block: int, tokens: int) -> int:
-      planned = current.planned_capacity(block)
-      if planned is not None:
-        return dispatch.scaled_capacity(planned, tokens, self.moe_settings.capacity_multiple_of)
-      return routers.capacity(self.moe_settings, tokens, current.experts[block], training=True)
+      planned = dataclasses.replace(self.capacity, planned=current.capacity_plan(block))
+      return capacity_lib.slots_per_expert(planned, self.router_settings, tokens,
+                                           current.experts[block], training=True)
 
     return adaptive.planned_layout(
         current, self.records,

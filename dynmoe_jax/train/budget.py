@@ -134,16 +134,17 @@ class Budget:
 
 
 def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
-  moe = config.model.moe
-  if moe.target_experts_per_token is None:
+  settings = config_lib.budget_settings(config)
+  if not settings.enabled:
     return None
-  spec = routers.get(moe.router)
-  control = spec.budget_control
-  initial = moe[control] if spec.budget_control_raises_k else (moe[f'{control}_weight'] or 0.01)
-  return Budget(float(moe.target_experts_per_token), float(moe.budget_rate), control,
-                float(initial), tuple(names.moe_layer_names(layout)),
+  router = config_lib.router_settings(config)
+  spec = routers.get(router.name)
+  return Budget(float(settings.target_experts_per_token), float(settings.rate),
+                spec.budget_control, spec.budget_initial(router),
+                tuple(names.moe_layer_names(layout)),
                 raises_k=spec.budget_control_raises_k,
-                add_unrouted=not moe.top_any_train_fallback,
-                two_sided=bool(moe.budget_two_sided),
-                error_unit=config_lib.off_or_float(moe.budget_error_unit),
-                horizon=config_lib.off_or_float(moe.budget_horizon))
+                # a router whose training falls back to the top-1 expert counts it already
+                add_unrouted=not getattr(router, 'train_fallback', False),
+                two_sided=bool(settings.two_sided),
+                error_unit=config_lib.off_or_float(settings.error_unit),
+                horizon=config_lib.off_or_float(settings.horizon))

@@ -39,7 +39,7 @@ def warn_dropped(row: Mapping[str, Any], layout: Sequence[int], level: float):
     dropped = row.get(names.metric_key(layer, 'dropped_fraction'), 0.0)
     if dropped > level:
       log.warning('step %d: %s dropped %.1f%% of routed pairs for capacity (warning level '
-                  '%.0f%%); raise model.moe.capacity_factor', row['step'], layer, 100 * dropped,
+                  '%.0f%%); raise model.moe.capacity.factor', row['step'], layer, 100 * dropped,
                   100 * level)
 
 

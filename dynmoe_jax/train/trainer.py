@@ -19,11 +19,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynmoe_jax import checkpointing, config_lib, names, plots, sharding, upcycle
+from dynmoe_jax import checkpointing, config_lib, names, plots, sharding
 from dynmoe_jax.data import pipeline
 from dynmoe_jax.layout import Layout
 from dynmoe_jax.train import compiled as compiled_lib
-from dynmoe_jax.train import compat, metrics_log, steps, throughput
+from dynmoe_jax.train import compat, init_from, metrics_log, steps, throughput
 from dynmoe_jax.train.boundary import LayoutBoundary
 from dynmoe_jax.train.state import TrainState
 
@@ -57,7 +57,7 @@ class Trainer:
     saved = compat.saved_config(self.workdir)
     compat.check(saved, config, self.workdir)
     if config.init_from and saved is None:
-      upcycle.dense_config(config.init_from, config)  # before the minutes of compiling
+      init_from.dense_config(config.init_from, config)  # before the minutes of compiling
     self.is_main = jax.process_index() == 0
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
     self.tx = config_lib.build_optimizer(config)
@@ -139,7 +139,7 @@ class Trainer:
     # Global batches (process 0 of 1): every process computes the same gates.
     stream = pipeline.TrainStream(self.train_source, self.preprocess, self.config.batch_size,
                                   self.config.seed, 0, 1)
-    params = upcycle.from_checkpoint(self.config, jax.device_get(state.params),
+    params = init_from.from_checkpoint(self.config, jax.device_get(state.params),
                                      self.example_batch, stream.batch)
     return state.replace(params=jax.device_put(params, self.compiled.shardings.params))
 

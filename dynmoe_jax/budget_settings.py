@@ -1,0 +1,45 @@
+"""A compute budget's settings (config section `budget`; the controller is train.budget)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dynmoe_jax.settings import Settings, is_number
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSettings(Settings):
+  """Experts per token held at a target by adapting the router's control every step.
+
+  target_experts_per_token: the target (None: no budget). Capacity is sized for it, and
+    the router's control (top-any's efficiency-loss weight, top-p's p) becomes a per-layer
+    controller (train.budget), multiplied or divided by `rate`.
+  two_sided: below the target top-any's weight turns negative (a subsidy).
+  error_unit: u: each update is rate to the power of the relative error |K - target| /
+    target over u (at most 5 steps); 0 or None: one rate step whatever the error
+    (ReMoE's rule).
+  horizon: H: act on the count H steps ahead at its smoothed trend (a proportional term
+    that stops the price winding up while the count already falls); 0 or None: on this
+    step's count. error_unit and horizon both 0: the first controller, as the earlier
+    budget figures of docs/results.md were measured.
+  """
+  target_experts_per_token: Optional[float] = None
+  rate: float = 1.05
+  two_sided: bool = False
+  error_unit: Optional[float] = 0.1
+  horizon: Optional[float] = 20.0
+
+  def problems(self):
+    target = self.target_experts_per_token
+    if target is not None and not (is_number(target) and target > 0):
+      yield 'target_experts_per_token', 'must be a number > 0'
+    if not (is_number(self.rate) and self.rate > 1.0):
+      yield 'rate', 'must be a number > 1'
+    for name in ('error_unit', 'horizon'):
+      value = getattr(self, name)
+      if value is not None and not (is_number(value) and value >= 0):
+        yield name, 'must be a number >= 0 (0 or None: off)'
+
+  @property
+  def enabled(self) -> bool:
+    return self.target_experts_per_token is not None

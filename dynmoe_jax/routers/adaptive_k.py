@@ -1,0 +1,60 @@
+"""DA-MoE (arXiv 2409.06669): a token's expert count follows its importance, taken from
+the attention it receives."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dynmoe_jax import routing
+from dynmoe_jax.routers import base
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveK(base.RouterSettings):
+  """DA-MoE's settings.
+
+  max_k: the largest K a token can take (the most important tokens).
+  expected_k: experts per token capacity is sized for (None: max_k).
+  priority: which pairs an overflowing expert keeps (routing.PRIORITIES).
+  load_balance_weight, z_loss_weight: as top-k.
+  """
+  name = 'adaptive_k'
+  max_k: int = 2
+  expected_k: Optional[float] = None
+  priority: str = 'score'
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 1e-3
+
+  def problems(self):
+    yield from base.k_problems('max_k', self.max_k)
+    yield from base.positive_problems('expected_k', self.expected_k, optional=True)
+    yield from base.priority_problems(self.priority)
+    yield from base.weight_problems(self)
+
+  def problems_for(self, num_experts):
+    yield from base.k_problems('max_k', self.max_k, num_experts)
+
+  def capacity_k(self):
+    return self.max_k if self.expected_k is None else self.expected_k
+
+  def pairs_per_token(self):
+    return self.max_k
+
+
+def route(module, settings: AdaptiveK, tokens, training, token_importance, controls):
+  del training, controls
+  if token_importance is None:
+    raise ValueError("MoE(router='adaptive_k') needs token_importance (from attention)")
+  router_logits, params = base.logits(module, tokens)
+  k_per_token = routing.importance_to_k(token_importance, settings.max_k)
+  out = routing.adaptive_k(router_logits, k_per_token.reshape(tokens.shape[0]), settings.max_k)
+  return out, router_logits, params
+
+
+def aux_losses(settings: AdaptiveK, route_out, router_logits, params) -> base.LossTerms:
+  del params
+  return base.balance_and_z(settings, route_out, router_logits)
+
+
+SPEC = base.RouterSpec('adaptive_k', AdaptiveK, route, aux_losses, needs_token_importance=True,
+                       **base.LOGIT_ROUTER)

@@ -1,0 +1,60 @@
+"""Top-k token choice (Switch, GShard): each token's k most probable experts."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dynmoe_jax import routing
+from dynmoe_jax.routers import base
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(base.RouterSettings):
+  """Top-k's settings.
+
+  k: experts per token, exactly.
+  normalize: renormalise the kept probabilities to sum to 1; None: only for k >= 2 (at
+    k = 1 the raw probability, as Switch, so the task loss trains the router).
+  expected_k: experts per token capacity is sized for (None: k).
+  priority: which pairs an overflowing expert keeps; 'gshard' (every first choice before
+    any second choice, by token index) is flaxformer's and V-MoE's default, so no
+    token's second choice takes a slot from another token's first.
+  load_balance_weight, z_loss_weight: Switch's losses.
+  """
+  name = 'top_k'
+  k: int = 2
+  normalize: Optional[bool] = None
+  expected_k: Optional[float] = None
+  priority: str = 'gshard'
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 1e-3
+
+  def problems(self):
+    yield from base.k_problems('k', self.k)
+    yield from base.positive_problems('expected_k', self.expected_k, optional=True)
+    yield from base.priority_problems(self.priority)
+    yield from base.weight_problems(self)
+
+  def problems_for(self, num_experts):
+    yield from base.k_problems('k', self.k, num_experts)
+
+  def capacity_k(self):
+    return self.k if self.expected_k is None else self.expected_k
+
+  def pairs_per_token(self):
+    return self.k
+
+
+def route(module, settings: TopK, tokens, training, token_importance, controls):
+  del training, token_importance, controls
+  router_logits, params = base.logits(module, tokens)
+  return (routing.top_k(router_logits, settings.k, normalize=settings.normalize),
+          router_logits, params)
+
+
+def aux_losses(settings: TopK, route_out, router_logits, params) -> base.LossTerms:
+  del params
+  return base.balance_and_z(settings, route_out, router_logits)
+
+
+SPEC = base.RouterSpec('top_k', TopK, route, aux_losses, **base.LOGIT_ROUTER)

@@ -1,0 +1,70 @@
+"""Top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652): experts in
+probability order until their sum reaches p."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dynmoe_jax import losses, routing
+from dynmoe_jax.routers import base
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP(base.RouterSettings):
+  """Top-p's settings.
+
+  p: the probability mass a token's experts reach, in (0, 1] (a compute budget adapts it).
+  max_k: most experts per token (bounds the pair list); None: E.
+  expected_k: experts per token capacity is sized for (a budget's target replaces it).
+  priority: which pairs an overflowing expert keeps (routing.PRIORITIES).
+  load_balance_weight, z_loss_weight, entropy_weight: the paper's entropy loss keeps the
+    router confident.
+  """
+  name = 'top_p'
+  p: float = 0.4
+  max_k: Optional[int] = None
+  expected_k: float = 2.0
+  priority: str = 'score'
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 1e-3
+  entropy_weight: float = 1e-4
+
+  def problems(self):
+    if not (base.is_number(self.p) and 0.0 < self.p <= 1.0):
+      yield 'p', 'must be in (0, 1]'
+    yield from base.optional_k_problems('max_k', self.max_k)
+    yield from base.positive_problems('expected_k', self.expected_k)
+    yield from base.priority_problems(self.priority)
+    yield from base.weight_problems(self)
+
+  def problems_for(self, num_experts):
+    yield from base.optional_k_problems('max_k', self.max_k, num_experts)
+
+  def capacity_k(self):
+    return self.expected_k
+
+  def pairs_per_token(self):
+    return self.max_k
+
+  def with_budget(self, target):
+    return dataclasses.replace(self, expected_k=float(target))
+
+
+def route(module, settings: TopP, tokens, training, token_importance, controls):
+  del training, token_importance
+  router_logits, params = base.logits(module, tokens)
+  p = controls.get('p', settings.p)  # a compute budget's adapted p, else the setting
+  return routing.top_p(router_logits, p, settings.max_k), router_logits, params
+
+
+def aux_losses(settings: TopP, route_out, router_logits, params) -> base.LossTerms:
+  del params
+  return {**base.balance_and_z(settings, route_out, router_logits),
+          'entropy': (settings.entropy_weight,
+                      lambda: losses.router_entropy(route_out.scores))}
+
+
+# A budget adapts p itself: the same multiplicative steps, p lowered while the layer takes
+# more experts per token than the target and raised while fewer
+SPEC = base.RouterSpec('top_p', TopP, route, aux_losses, budget_control='p',
+                       budget_control_raises_k=True, **base.LOGIT_ROUTER)
