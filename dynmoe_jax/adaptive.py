@@ -202,7 +202,7 @@ def plan_layer(record: RecordAccumulator, moe_params: Mapping[str, np.ndarray],
   # router kernel, expert axis first) point closest to the new direction.
   nearest = None
   if keep:
-    (matrix,) = [k for k, v in router_params.items() if v.ndim == 2]
+    (matrix,) = [k for k, v in router_params.items() if v.ndim == 2 and k in moe_axes]
     kept_gates = np.moveaxis(router_params[matrix], moe_axes[matrix], 0)[list(keep)]
     cosine = (kept_gates / np.maximum(np.linalg.norm(kept_gates, axis=-1, keepdims=True),
                                       1e-12)) @ direction

@@ -7,7 +7,7 @@ call); each expert gets the same number of slots C in every group. C is, in orde
   3. a re-planned capacity (`planned`, from recorded routing: `plan_from_records`),
      scaled to the call's tokens;
   4. the factor rule: ceil(factor · T · k / E) rounded up to `multiple_of`, with k the
-     experts per token the router sizes for (its settings' `capacity_k()`).
+     experts per token the router sizes for (its settings' `capacity_k(E)`).
 The layer, the layout (its per-block plans) and the boundary (its re-plans) all call
 `slots_per_expert`; docs/guide.md, "Capacity", compares the rules with the peers'.
 """
@@ -118,7 +118,7 @@ def slots_per_expert(capacity: Capacity, router_settings, num_tokens: int, num_e
     return scaled_plan(capacity.planned, num_tokens, capacity.multiple_of,
                        1.0 if training else capacity.eval_factor / capacity.factor)
   factor = capacity.factor if training else capacity.eval_factor
-  return factor_rule(num_tokens, num_experts, factor, router_settings.capacity_k(),
+  return factor_rule(num_tokens, num_experts, factor, router_settings.capacity_k(num_experts),
                      capacity.multiple_of)
 
 

@@ -146,44 +146,59 @@ def build_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+def _positive_int(field, value, allow_zero=False):
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    _fail(field, value, 'must be an int ' + ('>= 0' if allow_zero else '> 0'))
+
+
+def _one_of(field, value, allowed):
+  if value not in allowed:
+    _fail(field, value, f'must be one of {tuple(allowed)}')
+
+
+def _positive_float(field, value):
+  if not isinstance(value, (int, float)) or value <= 0:
+    _fail(field, value, 'must be a number > 0')
+
+
 def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   """Check every field a run depends on; return the expert layout."""
-  def positive_int(field, value, allow_zero=False):
-    ok = isinstance(value, int) and not isinstance(value, bool) and (
-        value >= 0 if allow_zero else value > 0)
-    if not ok:
-      _fail(field, value, 'must be an int ' + ('>= 0' if allow_zero else '> 0'))
+  _check_run_and_data(config)
+  _check_model(config)
+  layout, router, capacity = _check_moe(config)
+  _check_optimizer_and_upcycle(config)
+  _check_adaptive(config, layout, router, capacity)
+  _check_mesh(config, num_devices)
+  return layout
 
-  def one_of(field, value, allowed):
-    if value not in allowed:
-      _fail(field, value, f'must be one of {tuple(allowed)}')
 
-  def positive_float(field, value):
-    if not isinstance(value, (int, float)) or value <= 0:
-      _fail(field, value, 'must be a number > 0')
-
-  positive_int('num_train_steps', config.num_train_steps)
-  positive_int('batch_size', config.batch_size)
-  positive_int('eval_batch_size', config.eval_batch_size)
+def _check_run_and_data(config):
+  _positive_int('num_train_steps', config.num_train_steps)
+  _positive_int('batch_size', config.batch_size)
+  _positive_int('eval_batch_size', config.eval_batch_size)
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
-    positive_int(name, config[name])
+    _positive_int(name, config[name])
 
   d = config.data
-  one_of('data.kind', d.kind, pipeline.KINDS)
-  positive_int('data.seq_len', d.seq_len)
-  positive_int('data.augment_shift', d.augment_shift, allow_zero=True)
+  _one_of('data.kind', d.kind, pipeline.KINDS)
+  _positive_int('data.seq_len', d.seq_len)
+  _positive_int('data.augment_shift', d.augment_shift, allow_zero=True)
 
-  m = config.model
-  one_of('model.arch', m.arch, ARCHS)
-  one_of('model.moe.router', m.moe.router, routers.NAMES)
-  one_of('model.task', m.task, transformer.TASKS)
-  one_of('model.stem', m.stem, transformer.STEMS)
-  one_of('model.pool', m.pool, transformer.POOLS)
-  one_of('model.dtype', m.dtype, DTYPES)
-  one_of('model.param_dtype', m.param_dtype, DTYPES)
+
+def _check_model(config):
+  d, m = config.data, config.model
+  _one_of('model.arch', m.arch, ARCHS)
+  _one_of('model.moe.router', m.moe.router, routers.NAMES)
+  _one_of('model.task', m.task, transformer.TASKS)
+  _one_of('model.stem', m.stem, transformer.STEMS)
+  _one_of('model.pool', m.pool, transformer.POOLS)
+  _one_of('model.dtype', m.dtype, DTYPES)
+  _one_of('model.param_dtype', m.param_dtype, DTYPES)
   for name in ('num_layers', 'dim', 'num_heads', 'mlp_dim', 'num_classes', 'vocab_size',
                'max_len', 'stem_kernel', 'stem_stride'):
-    positive_int(f'model.{name}', m[name])
+    _positive_int(f'model.{name}', m[name])
   if m.dim % m.num_heads:
     _fail('model.num_heads', m.num_heads, f'must divide model.dim={m.dim}')
   if not 0.0 <= m.dropout < 1.0:
@@ -191,8 +206,8 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if m.arch == 'decoder':
     if m.task != 'lm':
       _fail('model.arch', m.arch, "'decoder' is a causal LM: needs model.task='lm'")
-    one_of('model.remat', m.remat, tuple(decoder.REMAT_POLICIES))
-    one_of('model.attention_impl', m.attention_impl, (None, 'xla', 'cudnn'))
+    _one_of('model.remat', m.remat, tuple(decoder.REMAT_POLICIES))
+    _one_of('model.attention_impl', m.attention_impl, (None, 'xla', 'cudnn'))
     if (m.dim // m.num_heads) % 2:
       _fail('model.num_heads', m.num_heads, f'must give an even head width (model.dim='
             f'{m.dim}): rotary embeddings rotate channel pairs')
@@ -202,11 +217,15 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if (m.task == 'lm') != (d.kind == 'lm'):
     _fail('model.task', m.task, f"'lm' goes with data.kind='lm' (data.kind={d.kind!r})")
 
+
+def _check_moe(config):
+  """The MoE section and the budget; (layout, router settings, Capacity)."""
+  m = config.model
   moe = m.moe
-  one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
-  one_of('model.moe.ragged_backend', moe.ragged_backend, layers.RAGGED_BACKENDS)
-  one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
-  positive_int('model.moe.hidden_dim', moe.hidden_dim)
+  _one_of('model.moe.dispatch_impl', moe.dispatch_impl, layers.DISPATCH_IMPLS)
+  _one_of('model.moe.ragged_backend', moe.ragged_backend, layers.RAGGED_BACKENDS)
+  _one_of('model.moe.activation', moe.activation, tuple(layers.ACTIVATIONS))
+  _positive_int('model.moe.hidden_dim', moe.hidden_dim)
   for name, spec in routers.REGISTRY.items():  # every section, the unused ones too
     settings(spec.settings, moe[name], f'model.moe.{name}')
   kwargs = moe_kwargs(config)
@@ -241,23 +260,35 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     if n and budget.enabled and not budget.target_experts_per_token <= n:
       _fail('budget.target_experts_per_token', budget.target_experts_per_token,
             f'must be <= the {n} experts of layer {i}')
+  return layout, router, capacity
 
+
+def _check_optimizer_and_upcycle(config):
   o = config.optimizer
-  positive_float('optimizer.learning_rate', o.learning_rate)
-  positive_int('optimizer.warmup_steps', o.warmup_steps, allow_zero=True)
+  _positive_float('optimizer.learning_rate', o.learning_rate)
+  _positive_int('optimizer.warmup_steps', o.warmup_steps, allow_zero=True)
   if o.weight_decay < 0:
     _fail('optimizer.weight_decay', o.weight_decay, 'must be >= 0')
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     _fail('optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
+  u = config.upcycle
+  if config.init_from is not None and not isinstance(config.init_from, str):
+    _fail('init_from', config.init_from, 'must be a workdir path')
+  if not (isinstance(u.noise, (int, float)) and u.noise >= 0):
+    _fail('upcycle.noise', u.noise, 'must be a number >= 0')
+  _positive_int('upcycle.kmeans_batches', u.kmeans_batches)
+  _positive_int('upcycle.kmeans_iterations', u.kmeans_iterations, allow_zero=True)
 
+
+def _check_adaptive(config, layout, router, capacity):
   a = config.adaptive
   if a.capacity and capacity.slots is not None:
     _fail('adaptive.capacity', True, f're-plans the slots per expert that '
           f'model.moe.capacity.slots={capacity.slots} fixes: set one')
   if a.enabled or a.capacity:
-    positive_int('adaptive.every', a.every)
-    positive_int('adaptive.record_steps', a.record_steps)
-    positive_int('adaptive.compile_lead_steps', a.compile_lead_steps, allow_zero=True)
+    _positive_int('adaptive.every', a.every)
+    _positive_int('adaptive.record_steps', a.record_steps)
+    _positive_int('adaptive.compile_lead_steps', a.compile_lead_steps, allow_zero=True)
     if a.record_steps + a.compile_lead_steps > a.every:
       _fail('adaptive.record_steps', a.record_steps,
             f'plus adaptive.compile_lead_steps={a.compile_lead_steps} must be <= '
@@ -268,7 +299,7 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
             'needs at least one MoE layer (model.moe_layers)')
   if a.capacity:
     if router.fixed_slots(1, 1) is not None:
-      _fail('adaptive.capacity', True, f'router {moe.router!r} fixes its own capacity')
+      _fail('adaptive.capacity', True, f'router {router.name!r} fixes its own capacity')
     if not 0.0 < a.capacity_quantile <= 1.0:
       _fail('adaptive.capacity_quantile', a.capacity_quantile, 'must be in (0, 1]')
     if not (isinstance(a.capacity_headroom, (int, float)) and a.capacity_headroom >= 1.0):
@@ -279,12 +310,12 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
     if not 0.0 <= a.capacity_tolerance < 1.0:
       _fail('adaptive.capacity_tolerance', a.capacity_tolerance, 'must be in [0, 1)')
   if a.enabled:
-    positive_int('adaptive.min_experts', a.min_experts)
-    positive_int('adaptive.max_experts', a.max_experts)
+    _positive_int('adaptive.min_experts', a.min_experts)
+    _positive_int('adaptive.max_experts', a.max_experts)
     if a.min_experts > a.max_experts:
       _fail('adaptive.min_experts', a.min_experts,
             f'must be <= adaptive.max_experts={a.max_experts}')
-    one_of('adaptive.new_expert_init', a.new_expert_init, NEW_EXPERT_INITS)
+    _one_of('adaptive.new_expert_init', a.new_expert_init, NEW_EXPERT_INITS)
     bad = [n for n in counts if not a.min_experts <= n <= a.max_experts]
     if bad:
       _fail('model.moe.num_experts', counts,
@@ -295,14 +326,8 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
           f'(boundaries come every adaptive.every steps; none would be reached). '
           f'{_cadence_hint(config)}')
 
-  u = config.upcycle
-  if config.init_from is not None and not isinstance(config.init_from, str):
-    _fail('init_from', config.init_from, 'must be a workdir path')
-  if not (isinstance(u.noise, (int, float)) and u.noise >= 0):
-    _fail('upcycle.noise', u.noise, 'must be a number >= 0')
-  positive_int('upcycle.kmeans_batches', u.kmeans_batches)
-  positive_int('upcycle.kmeans_iterations', u.kmeans_iterations, allow_zero=True)
 
+def _check_mesh(config, num_devices):
   num_devices = jax.device_count() if num_devices is None else num_devices
   try:
     shape = sharding.mesh_shape(config.mesh.data, config.mesh.expert, config.mesh.model,
@@ -313,7 +338,6 @@ def validate(config, num_devices: Optional[int] = None) -> Tuple[int, ...]:
   if config.batch_size % data_parallel:
     _fail('batch_size', config.batch_size,
           f'must be divisible by mesh.data*mesh.expert={data_parallel}')
-  return layout
 
 
 def load_config_file(path: str, *args) -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ no router- or dispatch-specific branch: both are looked up by name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import chex
 import flax.linen as nn
@@ -209,42 +209,10 @@ class MoE(nn.Module):
     y = computed.output
 
     aux_loss, loss_metrics = self._aux_loss(route, logits, router_params, controls)
-    routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
-    unrouted = routing.unrouted(route)
-    if valid is not None:
-      unrouted = unrouted & valid
+    metrics, record = _metrics_and_record(x, y, tokens, route, computed, ffn, valid)
+    metrics.update(loss_metrics)
     num_tokens = (jnp.asarray(tokens.shape[0], jnp.float32) if valid is None
                   else valid.sum(dtype=jnp.float32))
-    active = _token_mean(route.num_active.astype(jnp.float32), valid)
-    kept = (computed.num_routed - computed.num_dropped).astype(jnp.float32)
-    metrics = {
-        'active_experts': active,
-        'dropped_fraction': computed.num_dropped / jnp.maximum(computed.num_routed, 1).astype(
-            jnp.float32),
-        'expert_load': routed_per_expert / jnp.maximum(routed_per_expert.sum(), 1).astype(
-            jnp.float32),
-        'unrouted_fraction': _token_mean(unrouted.astype(jnp.float32), valid),
-        # Compute that follows the router, or not: slots per expert and how full they are;
-        # forward expert-FFN FLOPs per token for the routed pairs and for what was computed
-        # (padding slots included).
-        'capacity': jnp.asarray(computed.capacity, jnp.float32),
-        'slot_utilization': kept / computed.rows,
-        'activated_flops_per_token': active * ffn.flops_per_row,
-        'computed_flops_per_token': jnp.asarray(
-            computed.rows * ffn.flops_per_row / tokens.shape[0], jnp.float32),
-        # 1.0 / 0.0 flags: lets the trainer name the layer where NaN/Inf first appears.
-        'input_finite': jnp.all(jnp.isfinite(x)).astype(jnp.float32),
-        'router_finite': jnp.all(jnp.isfinite(route.weights)).astype(jnp.float32),
-        'output_finite': jnp.all(jnp.isfinite(y)).astype(jnp.float32),
-        **loss_metrics,
-    }
-    record = RoutingRecord(
-        tokens_per_expert=routed_per_expert,
-        unrouted_count=unrouted.sum(dtype=jnp.int32),
-        unrouted_input_sum=jnp.where(unrouted[:, None], routing.upcast(tokens), 0.0).sum(0),
-        dropped_pairs=computed.num_dropped.astype(jnp.int32),
-        num_tokens=(jnp.asarray(tokens.shape[0], jnp.int32) if valid is None
-                    else valid.sum(dtype=jnp.int32)))
     # Per-token expert counts for analysis (harder inputs, more experts?); stored only
     # when the caller makes 'intermediates' mutable, otherwise a no-op.
     self.sow('intermediates', 'active_experts_per_token', route.num_active.reshape(lead_shape),
@@ -253,6 +221,45 @@ class MoE(nn.Module):
     return y, MoEAux(loss=aux_loss, metrics=metrics, record=record, num_tokens=num_tokens,
                      total_tokens=jnp.asarray(tokens.shape[0], jnp.float32),
                      rows=jnp.asarray(computed.rows, jnp.float32))
+
+
+def _metrics_and_record(x, y, tokens, route, computed, ffn, valid
+                        ) -> Tuple[Dict[str, jax.Array], RoutingRecord]:
+  """A call's metrics (over the valid tokens) and its routing record."""
+  routed_per_expert = route.mask.sum(axis=0, dtype=jnp.int32)
+  unrouted = routing.unrouted(route)
+  if valid is not None:
+    unrouted = unrouted & valid
+  active = _token_mean(route.num_active.astype(jnp.float32), valid)
+  kept = (computed.num_routed - computed.num_dropped).astype(jnp.float32)
+  metrics = {
+      'active_experts': active,
+      'dropped_fraction': computed.num_dropped / jnp.maximum(computed.num_routed, 1).astype(
+          jnp.float32),
+      'expert_load': routed_per_expert / jnp.maximum(routed_per_expert.sum(), 1).astype(
+          jnp.float32),
+      'unrouted_fraction': _token_mean(unrouted.astype(jnp.float32), valid),
+      # Compute that follows the router, or not: slots per expert and how full they are;
+      # forward expert-FFN FLOPs per token for the routed pairs and for what was computed
+      # (padding slots included).
+      'capacity': jnp.asarray(computed.capacity, jnp.float32),
+      'slot_utilization': kept / computed.rows,
+      'activated_flops_per_token': active * ffn.flops_per_row,
+      'computed_flops_per_token': jnp.asarray(
+          computed.rows * ffn.flops_per_row / tokens.shape[0], jnp.float32),
+      # 1.0 / 0.0 flags: lets the trainer name the layer where NaN/Inf first appears.
+      'input_finite': jnp.all(jnp.isfinite(x)).astype(jnp.float32),
+      'router_finite': jnp.all(jnp.isfinite(route.weights)).astype(jnp.float32),
+      'output_finite': jnp.all(jnp.isfinite(y)).astype(jnp.float32),
+  }
+  record = RoutingRecord(
+      tokens_per_expert=routed_per_expert,
+      unrouted_count=unrouted.sum(dtype=jnp.int32),
+      unrouted_input_sum=jnp.where(unrouted[:, None], routing.upcast(tokens), 0.0).sum(0),
+      dropped_pairs=computed.num_dropped.astype(jnp.int32),
+      num_tokens=(jnp.asarray(tokens.shape[0], jnp.int32) if valid is None
+                  else valid.sum(dtype=jnp.int32)))
+  return metrics, record
 
 
 def _token_mean(values: jax.Array, valid: Optional[jax.Array]) -> jax.Array:

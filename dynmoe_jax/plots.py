@@ -59,18 +59,24 @@ def write_plots(workdir: str) -> List[str]:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  from matplotlib.ticker import MaxNLocator
 
   rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   train = [r for r in rows if r.get('split') == 'train']
   evals = [r for r in rows if r.get('split') == 'eval']
   out_dir = os.path.join(workdir, 'plots')
   os.makedirs(out_dir, exist_ok=True)
-  written = []
+  figures = [('loss_accuracy.png', _loss_figure(plt, train, evals))]
+  layers = names.moe_layers_in(train)
+  if layers:
+    figures.append(('active_experts.png', _active_experts_figure(plt, layers, train, evals)))
+    figures.append(('expert_load.png', _load_figure(plt, layers, train)))
+  series = experts_per_layer(train, read_jsonl(os.path.join(workdir, 'adaptation.jsonl')))
+  if series:
+    figures.append(('experts_per_layer.png', _experts_figure(plt, series)))
+  return [save_figure(fig, os.path.join(out_dir, name), dpi=110) for name, fig in figures]
 
-  def save(fig, name):
-    written.append(save_figure(fig, os.path.join(out_dir, name), dpi=110))
 
+def _loss_figure(plt, train, evals):
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for split, series in (('train', train), ('eval', evals)):
     if series:
@@ -85,65 +91,68 @@ def write_plots(workdir: str) -> List[str]:
   for ax in axes:
     ax.set_xlabel('step')
     ax.legend()
-  save(fig, 'loss_accuracy.png')
+  return fig
 
-  layers = names.moe_layers_in(train)
-  if layers:
-    # Training counts a token's experts under the training-mode router (top-any without
-    # its fallback lets a token take none); evaluation under the eval-mode one (at least
-    # one each). Two panels, so neither hides the other; distinct styles per layer, so
-    # layers whose lines coincide stay visible.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True, sharey=True)
-    for i, layer in enumerate(layers):
-      key = names.metric_key(layer, 'active_experts')
-      style = _STYLES[i % len(_STYLES)]
-      for ax, series in zip(axes, (train, evals)):
-        pts = [(r['step'], r[key]) for r in series if key in r]
-        if pts:
-          ax.plot(*zip(*pts), label=layer, markersize=4, **style)
-    axes[0].set_title('training mode (mean over each log window)', fontsize=9)
-    axes[1].set_title('evaluation mode (eval split)', fontsize=9)
-    axes[0].set_ylabel('experts per token')
-    for ax in axes:
-      ax.set_xlabel('step')
-      if ax.lines:
-        ax.legend(fontsize=7)
-    save(fig, 'active_experts.png')
 
-    # One colour scale for every layer's panel, so equal shades mean equal loads.
-    loads = {layer: [r for r in train if names.metric_key(layer, 'expert_load') in r]
-             for layer in layers}
-    top = max(max(max(r[names.metric_key(layer, 'expert_load')]) for r in rows_)
-              for layer, rows_ in loads.items())
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.8 * len(layers), 3.8), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-      load = names.metric_key(layer, 'expert_load')
-      with_load = loads[layer]
-      width = max(len(r[load]) for r in with_load)
-      grid = np.full((width, len(with_load)), np.nan)
-      for i, r in enumerate(with_load):
-        grid[:len(r[load]), i] = r[load]
-      x_edges = step_edges([r['step'] for r in with_load])
-      y_edges = np.arange(width + 1) - 0.5
-      mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap='viridis',
-                           shading='flat', vmin=0.0, vmax=max(top, 1e-9))
-      ax.set_title(f'{layer} expert load (training)')
-      ax.set_xlabel('step')
-      ax.set_ylabel('expert')
-      ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-      fig.colorbar(mesh, ax=ax, fraction=0.046, label='share of routed pairs')
-    save(fig, 'expert_load.png')
+def _active_experts_figure(plt, layers, train, evals):
+  # Training counts a token's experts under the training-mode router (top-any without
+  # its fallback lets a token take none); evaluation under the eval-mode one (at least
+  # one each). Two panels, so neither hides the other; distinct styles per layer, so
+  # layers whose lines coincide stay visible.
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True, sharey=True)
+  for i, layer in enumerate(layers):
+    key = names.metric_key(layer, 'active_experts')
+    style = _STYLES[i % len(_STYLES)]
+    for ax, series in zip(axes, (train, evals)):
+      pts = [(r['step'], r[key]) for r in series if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=layer, markersize=4, **style)
+  axes[0].set_title('training mode (mean over each log window)', fontsize=9)
+  axes[1].set_title('evaluation mode (eval split)', fontsize=9)
+  axes[0].set_ylabel('experts per token')
+  for ax in axes:
+    ax.set_xlabel('step')
+    if ax.lines:
+      ax.legend(fontsize=7)
+  return fig
 
-  series = experts_per_layer(train, read_jsonl(os.path.join(workdir, 'adaptation.jsonl')))
-  if series:
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for i, (layer, pts) in enumerate(series.items()):
-      style = dict(_STYLES[i % len(_STYLES)])
-      style['markevery'] = list(range(1, len(pts) - 1))  # the resizes, not the ends
-      ax.step(*zip(*pts), where='post', label=layer, **style)
-    ax.set_xlabel('step (markers: boundaries that resized the layer)')
-    ax.set_ylabel('experts')
+
+def _load_figure(plt, layers, train):
+  from matplotlib.ticker import MaxNLocator
+  # One colour scale for every layer's panel, so equal shades mean equal loads.
+  loads = {layer: [r for r in train if names.metric_key(layer, 'expert_load') in r]
+           for layer in layers}
+  top = max(max(max(r[names.metric_key(layer, 'expert_load')]) for r in rows_)
+            for layer, rows_ in loads.items())
+  fig, axes = plt.subplots(1, len(layers), figsize=(4.8 * len(layers), 3.8), squeeze=False)
+  for ax, layer in zip(axes[0], layers):
+    load = names.metric_key(layer, 'expert_load')
+    with_load = loads[layer]
+    width = max(len(r[load]) for r in with_load)
+    grid = np.full((width, len(with_load)), np.nan)
+    for i, r in enumerate(with_load):
+      grid[:len(r[load]), i] = r[load]
+    x_edges = step_edges([r['step'] for r in with_load])
+    y_edges = np.arange(width + 1) - 0.5
+    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap='viridis',
+                         shading='flat', vmin=0.0, vmax=max(top, 1e-9))
+    ax.set_title(f'{layer} expert load (training)')
+    ax.set_xlabel('step')
+    ax.set_ylabel('expert')
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
-    save(fig, 'experts_per_layer.png')
-  return written
+    fig.colorbar(mesh, ax=ax, fraction=0.046, label='share of routed pairs')
+  return fig
+
+
+def _experts_figure(plt, series):
+  from matplotlib.ticker import MaxNLocator
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for i, (layer, pts) in enumerate(series.items()):
+    style = dict(_STYLES[i % len(_STYLES)])
+    style['markevery'] = list(range(1, len(pts) - 1))  # the resizes, not the ends
+    ax.step(*zip(*pts), where='post', label=layer, **style)
+  ax.set_xlabel('step (markers: boundaries that resized the layer)')
+  ax.set_ylabel('experts')
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.legend()
+  return fig

@@ -110,7 +110,6 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
     field = 'glu' if settings['glu'] else 'activation'
     raise UpcycleError(f'model.moe.{field}={settings[field]!r}: experts copied from a dense '
                        f'FFN must be ungated {DENSE_ACTIVATION!r} FFNs like it')
-  target_k = float(router.capacity_k())
   rng = np.random.default_rng(seed)
   blocks = moe_blocks(moe_params)
   for name in blocks:
@@ -147,7 +146,8 @@ def upcycle_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, Any
       kmeans = lambda x, k: spherical_kmeans(x, k, iterations=kmeans_iterations, seed=seed)
       moe.update(spec.upcycle_router(
           {k: np.asarray(v) for k, v in moe.items() if routers.is_router_param(k)},
-          np.asarray(router_inputs[name], np.float64), target_k, kmeans))
+          np.asarray(router_inputs[name], np.float64), float(router.capacity_k(num_experts)),
+          kmeans))
     rest = {k: v for k, v in block.items() if k not in ('wi', 'wo')}
     _check_same_shapes(name, rest, {k: v for k, v in fresh.items() if k != 'moe'})
     out[name] = {**rest, 'moe': {k: np.asarray(v, np.asarray(fresh['moe'][k]).dtype)

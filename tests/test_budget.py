@@ -77,7 +77,7 @@ def test_a_budget_needs_a_router_that_takes_one():
   config.budget.target_experts_per_token = 1.5
   with pytest.raises(config_lib.ConfigError,
                      match="target_experts_per_token=1.5 is invalid: is for routers with a "
-                           r"compute budget \(\['top_any', 'top_p'\]\)"):
+                           r"compute budget \(\['top_any', 'top_p'.*\]\), not 'top_k'"):
     config_lib.validate(config, num_devices=1)
   config = load_config('tiny')
   config.budget.target_experts_per_token = 5.0

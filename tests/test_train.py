@@ -314,8 +314,8 @@ def test_a_run_saved_in_config_layout_1_resumes_bit_exactly(tmp_path, run):
   for got, want in zip(rows, expected['rows_after_step_10']):
     for key, value in want.items():
       if isinstance(value, float) and 'seconds' not in key and 'per_sec' not in key:
-        np.testing.assert_allclose(got[key], value, rtol=1e-4, err_msg=key)
-  np.testing.assert_allclose(result['eval']['loss'], expected['eval']['loss'], rtol=1e-4)
+        np.testing.assert_allclose(got[key], value, rtol=1e-3, err_msg=key)
+  np.testing.assert_allclose(result['eval']['loss'], expected['eval']['loss'], rtol=1e-3)
   if result['eval'] == expected['eval']:  # this CPU computes as the fixtures' did: bit-exact
     digest = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(jax.device_get(trainer.state)):

@@ -161,15 +161,9 @@ class DecoderBlock(nn.Module):
     return x + y, aux
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(transformer.MoEStack):
   """Causal byte LM. Returns (logits [B, S, V], {'loss': summed auxiliary loss,
   'moe': {'layer_<i>': MoEAux}}), as `transformer.MoETransformer` does."""
-  num_layers: int
-  dim: int
-  num_heads: int
-  mlp_dim: int
-  experts_per_layer: Tuple[int, ...]
-  moe: Mapping[str, Any]
   capacity_plans: Tuple[Optional[Tuple[int, int]], ...] = ()
   vocab_size: int = 257
   shared_expert: bool = False
@@ -188,9 +182,7 @@ class DecoderLM(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, training: bool = False, example_mask=None, moe_controls=None):
-    if len(self.experts_per_layer) != self.num_layers:
-      raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
-                       f'{self.num_layers} layers')
+    self.check_layers()
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}')
     if any(self.experts_per_layer) and routers.resolve(

@@ -190,7 +190,23 @@ class Stem(nn.Module):
     return embed(inputs), inputs > 0  # token 0 is padding
 
 
-class MoETransformer(nn.Module):
+class MoEStack(nn.Module):
+  """The fields both models share: the blocks' sizes, experts per block (0: dense) and
+  the MoE blocks' `layers.MoE` fields."""
+  num_layers: int
+  dim: int
+  num_heads: int
+  mlp_dim: int
+  experts_per_layer: Tuple[int, ...]
+  moe: Mapping[str, Any]
+
+  def check_layers(self):
+    if len(self.experts_per_layer) != self.num_layers:
+      raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
+                       f'{self.num_layers} layers')
+
+
+class MoETransformer(MoEStack):
   """Classifier (task='classify') or causal byte LM (task='lm').
 
   Returns (logits, aux) with aux = {'loss': summed auxiliary loss,
@@ -198,12 +214,6 @@ class MoETransformer(nn.Module):
   """
   task: str
   stem: str
-  num_layers: int
-  dim: int
-  num_heads: int
-  mlp_dim: int
-  experts_per_layer: Tuple[int, ...]
-  moe: Mapping[str, Any]
   # Per block: (slots, tokens) re-planned from routing, or None for the capacity rule
   # (`capacity.Capacity.planned`); empty = None everywhere.
   capacity_plans: Tuple[Optional[Tuple[int, int]], ...] = ()
@@ -223,9 +233,7 @@ class MoETransformer(nn.Module):
     """example_mask [B]: rows to count (eval padding rows are 0); their tokens are routed
     nowhere, so they take no expert capacity and stay out of the MoE metrics.
     moe_controls: {MoE block name: {name: traced value}} (budget controllers: see MoE)."""
-    if len(self.experts_per_layer) != self.num_layers:
-      raise ValueError(f'experts_per_layer has {len(self.experts_per_layer)} entries for '
-                       f'{self.num_layers} layers')
+    self.check_layers()
     x, key_mask = Stem(self.stem, self.dim, self.stem_kernel, self.stem_stride,
                        self.vocab_size, self.dtype, self.param_dtype, name='stem')(inputs)
     if self.task == 'classify' and self.pool == 'cls':

@@ -10,7 +10,7 @@ from dynmoe_jax.routers import base
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptiveK(base.RouterSettings):
+class AdaptiveK(base.BoundedChoice):
   """DA-MoE's settings.
 
   max_k: the largest K a token can take (the most important tokens).
@@ -19,26 +19,12 @@ class AdaptiveK(base.RouterSettings):
   load_balance_weight, z_loss_weight: as top-k.
   """
   name = 'adaptive_k'
+  bound = 'max_k'
   max_k: int = 2
   expected_k: Optional[float] = None
   priority: str = 'score'
   load_balance_weight: float = 0.01
   z_loss_weight: float = 1e-3
-
-  def problems(self):
-    yield from base.k_problems('max_k', self.max_k)
-    yield from base.positive_problems('expected_k', self.expected_k, optional=True)
-    yield from base.priority_problems(self.priority)
-    yield from base.weight_problems(self)
-
-  def problems_for(self, num_experts):
-    yield from base.k_problems('max_k', self.max_k, num_experts)
-
-  def capacity_k(self):
-    return self.max_k if self.expected_k is None else self.expected_k
-
-  def pairs_per_token(self):
-    return self.max_k
 
 
 def route(module, settings: AdaptiveK, tokens, training, token_importance, controls):

@@ -27,8 +27,9 @@ class RouterSettings(Settings):
   """The part every router's settings shares; each router overrides what applies."""
   name = ''  # the registry's name of the router (a class attribute, not a field)
 
-  def capacity_k(self) -> float:
-    """Experts per token the capacity-factor rule sizes for."""
+  def capacity_k(self, num_experts: int) -> float:
+    """Experts per token the capacity-factor rule sizes for, in a layer of `num_experts`."""
+    del num_experts
     return 2.0
 
   def fixed_slots(self, num_tokens: int, num_experts: int) -> Optional[int]:
@@ -49,6 +50,63 @@ class RouterSettings(Settings):
     """These settings under a compute budget of `target` experts per token."""
     del target
     return self
+
+  def falls_back_in_eval_only(self) -> bool:
+    """True where evaluation gives a token the training router left without an expert its
+    top-1 expert (top-any): a budget then counts those tokens as one expert each."""
+    return False
+
+
+class TokenChoice(RouterSettings):
+  """The part the token-choice routers share: `expected_k` (None: the router's own k),
+  `priority` and `*_weight` fields, checked alike."""
+
+  def choice_problems(self, expected_k_optional: bool = True) -> Iterator[Tuple[str, str]]:
+    yield from positive_problems('expected_k', self.expected_k, optional=expected_k_optional)
+    yield from priority_problems(self.priority)
+    yield from weight_problems(self)
+
+
+class BoundedChoice(TokenChoice):
+  """A token-choice router whose tokens take at most the int field `bound` names (top-k's
+  `k`, DA-MoE's `max_k`) experts; capacity is sized for that many unless `expected_k`."""
+  bound = 'k'
+
+  def problems(self):
+    yield from k_problems(self.bound, getattr(self, self.bound))
+    yield from self.choice_problems()
+
+  def problems_for(self, num_experts):
+    yield from k_problems(self.bound, getattr(self, self.bound), num_experts)
+
+  def capacity_k(self, num_experts):
+    del num_experts
+    return getattr(self, self.bound) if self.expected_k is None else self.expected_k
+
+  def pairs_per_token(self):
+    return getattr(self, self.bound)
+
+
+class DynamicChoice(TokenChoice):
+  """A token-choice router whose experts per token vary up to `max_k` (None: E), with
+  capacity sized for `expected_k`, which a compute budget's target replaces."""
+
+  def problems_for(self, num_experts):
+    yield from optional_k_problems('max_k', self.max_k, num_experts)
+
+  def dynamic_problems(self) -> Iterator[Tuple[str, str]]:
+    yield from optional_k_problems('max_k', self.max_k)
+    yield from self.choice_problems(expected_k_optional=False)
+
+  def capacity_k(self, num_experts):
+    del num_experts
+    return self.expected_k
+
+  def pairs_per_token(self):
+    return self.max_k
+
+  def with_budget(self, target):
+    return dataclasses.replace(self, expected_k=float(target))
 
 
 @dataclasses.dataclass(frozen=True)

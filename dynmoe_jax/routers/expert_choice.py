@@ -26,7 +26,8 @@ class ExpertChoice(base.RouterSettings):
   def problems_for(self, num_experts):
     yield from base.k_problems('k', self.k, num_experts)
 
-  def capacity_k(self):
+  def capacity_k(self, num_experts):
+    del num_experts
     return self.k
 
   def fixed_slots(self, num_tokens, num_experts):

@@ -14,7 +14,7 @@ from dynmoe_jax.routers import base
 
 
 @dataclasses.dataclass(frozen=True)
-class TopAny(base.RouterSettings):
+class TopAny(base.DynamicChoice):
   """Top-any's settings.
 
   scale: temperature of the cosine scores and thresholds (it changes the gradients, not
@@ -49,27 +49,15 @@ class TopAny(base.RouterSettings):
   efficiency_weight: float = 0.01
   gshard_balance_weight: float = 0.0
 
+  def falls_back_in_eval_only(self):
+    return not self.train_fallback
+
   def problems(self):
     yield from base.positive_problems('scale', self.scale)
     if self.learned_scale and not (base.is_number(self.max_scale) and
                                    self.max_scale >= self.scale):
       yield 'max_scale', f'must be a number >= scale={self.scale} (the learned temperature\'s cap)'
-    yield from base.optional_k_problems('max_k', self.max_k)
-    yield from base.positive_problems('expected_k', self.expected_k)
-    yield from base.priority_problems(self.priority)
-    yield from base.weight_problems(self)
-
-  def problems_for(self, num_experts):
-    yield from base.optional_k_problems('max_k', self.max_k, num_experts)
-
-  def capacity_k(self):
-    return self.expected_k
-
-  def pairs_per_token(self):
-    return self.max_k
-
-  def with_budget(self, target):
-    return dataclasses.replace(self, expected_k=float(target))
+    yield from self.dynamic_problems()
 
 
 def route(module, settings: TopAny, tokens, training, token_importance, controls):

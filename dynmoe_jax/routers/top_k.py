@@ -9,7 +9,7 @@ from dynmoe_jax.routers import base
 
 
 @dataclasses.dataclass(frozen=True)
-class TopK(base.RouterSettings):
+class TopK(base.BoundedChoice):
   """Top-k's settings.
 
   k: experts per token, exactly.
@@ -28,21 +28,6 @@ class TopK(base.RouterSettings):
   priority: str = 'gshard'
   load_balance_weight: float = 0.01
   z_loss_weight: float = 1e-3
-
-  def problems(self):
-    yield from base.k_problems('k', self.k)
-    yield from base.positive_problems('expected_k', self.expected_k, optional=True)
-    yield from base.priority_problems(self.priority)
-    yield from base.weight_problems(self)
-
-  def problems_for(self, num_experts):
-    yield from base.k_problems('k', self.k, num_experts)
-
-  def capacity_k(self):
-    return self.k if self.expected_k is None else self.expected_k
-
-  def pairs_per_token(self):
-    return self.k
 
 
 def route(module, settings: TopK, tokens, training, token_importance, controls):

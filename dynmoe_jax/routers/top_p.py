@@ -10,7 +10,7 @@ from dynmoe_jax.routers import base
 
 
 @dataclasses.dataclass(frozen=True)
-class TopP(base.RouterSettings):
+class TopP(base.DynamicChoice):
   """Top-p's settings.
 
   p: the probability mass a token's experts reach, in (0, 1] (a compute budget adapts it).
@@ -32,22 +32,7 @@ class TopP(base.RouterSettings):
   def problems(self):
     if not (base.is_number(self.p) and 0.0 < self.p <= 1.0):
       yield 'p', 'must be in (0, 1]'
-    yield from base.optional_k_problems('max_k', self.max_k)
-    yield from base.positive_problems('expected_k', self.expected_k)
-    yield from base.priority_problems(self.priority)
-    yield from base.weight_problems(self)
-
-  def problems_for(self, num_experts):
-    yield from base.optional_k_problems('max_k', self.max_k, num_experts)
-
-  def capacity_k(self):
-    return self.expected_k
-
-  def pairs_per_token(self):
-    return self.max_k
-
-  def with_budget(self, target):
-    return dataclasses.replace(self, expected_k=float(target))
+    yield from self.dynamic_problems()
 
 
 def route(module, settings: TopP, tokens, training, token_importance, controls):

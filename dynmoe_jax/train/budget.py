@@ -26,7 +26,7 @@ budget of 1.5").
 
 The count controlled is the one evaluation reports: training's experts per token plus
 the tokens that activated none (in evaluation those fall back to their top-1 expert),
-unless training falls back too (`top_any_train_fallback`): then training's count already
+unless training falls back too (`top_any.train_fallback`): then training's count already
 holds that expert.
 """
 from __future__ import annotations
@@ -143,8 +143,7 @@ def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
                 spec.budget_control, spec.budget_initial(router),
                 tuple(names.moe_layer_names(layout)),
                 raises_k=spec.budget_control_raises_k,
-                # a router whose training falls back to the top-1 expert counts it already
-                add_unrouted=not getattr(router, 'train_fallback', False),
+                add_unrouted=router.falls_back_in_eval_only(),
                 two_sided=bool(settings.two_sided),
                 error_unit=config_lib.off_or_float(settings.error_unit),
                 horizon=config_lib.off_or_float(settings.horizon))

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import flax.linen as nn
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from dynmoe_jax import checkpointing, config_lib, names, plots, sharding
 from dynmoe_jax.data import pipeline
@@ -256,29 +257,53 @@ class Trainer:
         signal.signal(signum, handler)
       self.close()
 
+  def _begin_writing(self, state) -> int:
+    """The run's first writes (every refusal has been raised by now); its step."""
+    if self.is_main:
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        f.write(self.config.to_json_best_effort(indent=2))
+    step = int(jax.device_get(state.step))
+    # Rows logged after that step (a killed run's tail; all of them for a run killed
+    # before its first checkpoint) are redone by this run, not kept twice.
+    self.metrics.truncate_after(step)
+    # A resumed run's TensorBoard steps after its checkpoint replace the old ones.
+    self.metrics.open(purge_step=step + 1 if step else None)
+    self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
+    if (step == 0 and self.config.init_from and
+        self.metrics.last_row('eval').get('step') != 0):
+      # The upcycled starting point, on record before any training.
+      self.metrics.write({'split': 'eval', 'step': 0, **self.evaluate(state)})
+    return step
+
+  def _write_train_row(self, step: int, window, seconds: float, rates) -> Dict[str, Any]:
+    row = metrics_log.train_row(step, window, seconds, self.config.model.task)
+    if rates is not None:
+      row.update(rates.row_fields(row))
+    metrics_log.warn_dropped(row, self.compiled.layout.experts,
+                             self.config.dropped_fraction_warning)
+    self.metrics.write(row)
+    return row
+
+  def _cross_boundary(self, state, step: int, rates, peak):
+    """(state, throughput rates) after the layout boundary at `step`."""
+    before = self.compiled
+    state, self.compiled = self.boundary.apply(state, step, self.compiled)
+    if self.compiled is not before:
+      self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
+      if self.compiled.layout.experts != before.layout.experts:  # capacity: same FLOPs
+        rates = self._throughput(peak)
+    return state, rates
+
   def _loop(self) -> Dict[str, Any]:
     config = self.config
     log_every, eval_every = Every(config.log_every), Every(config.eval_every)
     checkpoint_every = Every(config.checkpoint_every)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       state = self.restore_or_init()
-      if self.is_main:  # the first write: every refusal has been raised by now
-        os.makedirs(self.workdir, exist_ok=True)
-        with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-          f.write(self.config.to_json_best_effort(indent=2))
-      step = int(jax.device_get(state.step))
-      # Rows logged after that step (a killed run's tail; all of them for a run killed
-      # before its first checkpoint) are redone by this run, not kept twice.
-      self.metrics.truncate_after(step)
-      # A resumed run's TensorBoard steps after its checkpoint replace the old ones.
-      self.metrics.open(purge_step=step + 1 if step else None)
-      self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
+      step = self._begin_writing(state)
       peak = throughput.device_peak_flops(jax.devices()) if config.model.task == 'lm' else None
       rates = self._throughput(peak)
-      if step == 0 and config.init_from and self.metrics.last_row('eval').get('step') != 0:
-        # The upcycled starting point, on record before any training.
-        self.metrics.write({'split': 'eval', 'step': 0, **self.evaluate(state)})
-      from tqdm import tqdm
       bar = tqdm(total=config.num_train_steps, initial=step, dynamic_ncols=True,
                  disable=not (config.progress_bar and self.is_main), desc='train')
       window: List[Dict[str, Any]] = []
@@ -304,13 +329,7 @@ class Trainer:
         at_boundary = self.boundary.fires(step)
         # A window never spans a resize or a checkpoint, so a resumed run logs the same rows.
         if log_every.fires(step, last) or at_boundary or checkpoint_every.fires(step, False):
-          row = metrics_log.train_row(step, window, time.perf_counter() - window_start,
-                                      config.model.task)
-          if rates is not None:
-            row.update(rates.row_fields(row))
-          metrics_log.warn_dropped(row, self.compiled.layout.experts,
-                                  config.dropped_fraction_warning)
-          self.metrics.write(row)
+          row = self._write_train_row(step, window, time.perf_counter() - window_start, rates)
           bar.set_postfix(postfix(row), refresh=False)
           window, window_start = [], time.perf_counter()
         if eval_every.fires(step, last):
@@ -319,12 +338,7 @@ class Trainer:
           log.info('eval step %d: %s', step, {k: round(float(v), 4) for k, v in eval_row.items()
                                               if isinstance(v, float)})
         if at_boundary:
-          before = self.compiled
-          state, self.compiled = self.boundary.apply(state, step, self.compiled)
-          if self.compiled is not before:
-            self.metrics.append_compiled_cost(step, self.compiled.layout, self.compiled.cost())
-            if self.compiled.layout.experts != before.layout.experts:  # capacity: same FLOPs
-              rates = self._throughput(peak)
+          state, rates = self._cross_boundary(state, step, rates, peak)
         if checkpoint_every.fires(step, last) or at_boundary or self._stop_requested:
           self.checkpointer.save(step, state, self.meta(self.compiled.layout))
         self.boundary.maybe_compile_ahead(step, self.compiled.layout)
