@@ -43,3 +43,21 @@ class BudgetSettings(Settings):
   @property
   def enabled(self) -> bool:
     return self.target_experts_per_token is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceSettings(Settings):
+  """Loss-free load balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3): a bias per
+  expert added to the scores a router selects by (not to its combine weights), kept out of
+  the optimizer and moved every step by `rate` toward balance: raised for an expert that got
+  less than the mean load, lowered for one that got more (train.balance).
+
+  loss_free: on (routers whose spec has `selection_bias`: top-k, top-p).
+  rate: the bias's step per training step (DeepSeek-V3: 0.001).
+  """
+  loss_free: bool = False
+  rate: float = 1e-3
+
+  def problems(self):
+    if not (is_number(self.rate) and self.rate > 0):
+      yield 'rate', 'must be a number > 0'

@@ -14,7 +14,7 @@ import ml_collections
 import optax
 
 from dynmoe_jax import layers, routers, sharding
-from dynmoe_jax.budget_settings import BudgetSettings
+from dynmoe_jax.budget_settings import BalanceSettings, BudgetSettings
 from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.settings import SettingsError
 from dynmoe_jax.data import pipeline
@@ -95,6 +95,10 @@ def router_settings(config) -> routers.RouterSettings:
 
 def budget_settings(config) -> BudgetSettings:
   return settings(BudgetSettings, config.budget, 'budget')
+
+
+def balance_settings(config) -> BalanceSettings:
+  return settings(BalanceSettings, config.balance, 'balance')
 
 
 def moe_kwargs(config) -> Dict[str, Any]:
@@ -241,6 +245,10 @@ def _check_moe(config):
           f'is for routers with a compute budget '
           f'({[n for n, s in routers.REGISTRY.items() if s.budget_control]}), not '
           f'{moe.router!r}')
+  if balance_settings(config).loss_free and not spec.selection_bias:
+    _fail('balance.loss_free', True, f'needs a router that selects by score with a bias '
+          f'({[n for n, s in routers.REGISTRY.items() if s.selection_bias]}), not '
+          f'{moe.router!r}')
   if budget.two_sided and spec.budget_control_raises_k:
     _fail('budget.two_sided', True, f'is for a budget that prices experts (a loss weight); '
           f'router {moe.router!r} adapts {spec.budget_control!r}, which moves both ways')
@@ -309,6 +317,9 @@ def _check_adaptive(config, layout, router, capacity):
             f'must be in [0, dropped_fraction_warning={config.dropped_fraction_warning})')
     if not 0.0 <= a.capacity_tolerance < 1.0:
       _fail('adaptive.capacity_tolerance', a.capacity_tolerance, 'must be in [0, 1)')
+  if a.enabled and balance_settings(config).loss_free:
+    _fail('balance.loss_free', True, 'keeps one bias per expert, which adaptive experts '
+          '(adaptive.enabled) would resize: not supported together yet')
   if a.enabled:
     _positive_int('adaptive.min_experts', a.min_experts)
     _positive_int('adaptive.max_experts', a.max_experts)

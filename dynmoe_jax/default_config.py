@@ -8,7 +8,7 @@ import ml_collections
 from ml_collections.config_dict import FieldReference, placeholder
 
 from dynmoe_jax import routers
-from dynmoe_jax.budget_settings import BudgetSettings
+from dynmoe_jax.budget_settings import BalanceSettings, BudgetSettings
 from dynmoe_jax.capacity import Capacity
 
 # The layout of the config: 1 (flat model.moe, until 2026-12) had every router's field and
@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe = _moe()
   # A compute budget: experts per token held at a target (budget_settings.BudgetSettings).
   c.budget = section(BudgetSettings)
+  # Loss-free load balancing: a per-expert selection bias (budget_settings.BalanceSettings).
+  c.balance = section(BalanceSettings)
   c.optimizer, c.mesh = _optimizer(), _mesh()
   c.adaptive = _adaptive()
   return c

@@ -84,7 +84,8 @@ def _mask_from_indices(indices: jax.Array, valid: jax.Array, num_experts: int) -
   return one_hot.any(axis=-2)
 
 
-def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None) -> RouterOutput:
+def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None,
+          selection_bias: Optional[jax.Array] = None) -> RouterOutput:
   """Switch (k=1) / GShard (k=2) routing: softmax, then the k most probable experts.
 
   Args:
@@ -94,13 +95,19 @@ def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None) -> Rou
       only for k >= 2, as Mixtral and MaxText do; at k = 1 the weight is the raw
       probability, as in Switch, because a renormalised single weight is p / p = 1 and
       sends the router almost no gradient from the task.
+    selection_bias: [E] added to the probabilities to choose the k experts only (loss-free
+      balancing, DeepSeek-V3); the combine weights stay the probabilities.
   """
   logits = _check_logits(logits)
   num_experts = logits.shape[-1]
   if not 1 <= k <= num_experts:
     raise ValueError(f'top_k: k={k} must be in [1, num_experts={num_experts}]')
   probs = jax.nn.softmax(logits, axis=-1)
-  top_probs, top_idx = jax.lax.top_k(probs, k)
+  if selection_bias is None:
+    top_probs, top_idx = jax.lax.top_k(probs, k)
+  else:
+    _, top_idx = jax.lax.top_k(probs + upcast(selection_bias), k)
+    top_probs = jnp.take_along_axis(probs, top_idx, axis=-1)
   mask = _mask_from_indices(top_idx, jnp.ones_like(top_idx, jnp.bool_), num_experts)
   weights = probs
   if (k >= 2) if normalize is None else normalize:
@@ -108,7 +115,8 @@ def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None) -> Rou
   return _output(mask, weights, probs)
 
 
-def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOutput:
+def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None,
+          selection_bias: Optional[jax.Array] = None) -> RouterOutput:
   """Top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652).
 
   Experts are taken in descending probability until their cumulative sum
@@ -120,6 +128,9 @@ def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOut
     logits: [T, E].
     p: threshold in (0, 1]; a traced scalar too (a compute budget's adapted p).
     max_k: optional cap on experts per token.
+    selection_bias: [E] added to the probabilities to order the experts only (loss-free
+      balancing): experts are taken in the biased order until their unbiased
+      probabilities reach p.
   """
   logits = _check_logits(logits)
   num_experts = logits.shape[-1]
@@ -128,7 +139,11 @@ def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None) -> RouterOut
   if max_k is not None and not 1 <= max_k <= num_experts:
     raise ValueError(f'top_p: max_k={max_k} must be in [1, num_experts={num_experts}]')
   probs = jax.nn.softmax(logits, axis=-1)
-  sorted_probs, sorted_idx = jax.lax.top_k(probs, num_experts)
+  if selection_bias is None:
+    sorted_probs, sorted_idx = jax.lax.top_k(probs, num_experts)
+  else:
+    _, sorted_idx = jax.lax.top_k(probs + upcast(selection_bias), num_experts)
+    sorted_probs = jnp.take_along_axis(probs, sorted_idx, axis=-1)
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
   keep = mass_before <= p
   keep = keep.at[:, 0].set(True)  # guards float round-off; top-1 is kept by definition

@@ -98,7 +98,20 @@ def run_summary(workdir: str) -> Dict[str, Any]:
       'train_capacity': late('capacity'),
       'train_slot_utilization': late('slot_utilization'),
       'adaptations': plots.read_jsonl(os.path.join(workdir, 'adaptation.jsonl')),
+      'load_ratio_last_100_steps': load_ratio(train_rows, layers, 100),
   }
+
+
+def load_ratio(train_rows, layers, steps: int) -> Dict[str, float]:
+  """Per MoE layer, max / min of the experts' mean load over the last `steps` steps (the
+  train rows' windows ending there; loads are shares of routed pairs)."""
+  last = train_rows[-1]['step'] - steps
+  window = [r for r in train_rows if r['step'] > last] or train_rows[-1:]
+  out = {}
+  for layer in layers:
+    load = np.mean([r[names.metric_key(layer, 'expert_load')] for r in window], axis=0)
+    out[layer] = float(load.max() / max(load.min(), 1e-6))
+  return out
 
 
 def mean_std(values):

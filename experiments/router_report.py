@@ -34,6 +34,9 @@ def aggregate(task_runs: Dict[str, List[Dict]], steps_per_sec: Dict[str, float],
     row['train_dropped_fraction'] = mean_std(
         [np.mean(list(s['train_dropped_fraction'].values())) if layers else None
          for s in seeds])[0]
+    ratios = [np.mean(list(s['load_ratio_last_100_steps'].values())) for s in seeds
+              if s.get('load_ratio_last_100_steps')]
+    row['load_ratio'], row['load_ratio_std'] = mean_std(ratios)
     if steps_per_sec and 'top2' in steps_per_sec and router in steps_per_sec:
       row['steps_per_sec_vs_top2'] = steps_per_sec[router] / steps_per_sec['top2']
     row['analysis'] = analysis.get(router, [])
@@ -47,8 +50,9 @@ def markdown_table(task: str, rows: List[Dict]) -> str:
   scale = 100.0 if metric == 'accuracy' else 1.0
   lines = [f'| {task} router | {label} | active experts / token (per MoE layer) | '
            'expert FFN params / token | expert MFLOPs / token: activated (eval), computed '
-           '(train) | final experts per layer | train steps/s vs top-2 | dropped pairs (train) |',
-           '|---|---|---|---|---|---|---|---|']
+           '(train) | final experts per layer | train steps/s vs top-2 | dropped pairs (train) | '
+           'expert load max/min (last 100 steps) |',
+           '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     per_layer = ', '.join(f'{v:.2f}' for v in r['active_experts_per_layer'].values())
     active = (f"{r['mean_active_experts']:.2f} ± {r['mean_active_experts_std']:.2f} "
@@ -56,6 +60,8 @@ def markdown_table(task: str, rows: List[Dict]) -> str:
     finals = sorted({', '.join(str(n) for n in f.values()) for f in r['final_experts']})
     dropped = r['train_dropped_fraction']
     speed = r.get('steps_per_sec_vs_top2')
+    ratio = ('-' if r.get('load_ratio') is None
+             else f"{r['load_ratio']:.2f} ± {r['load_ratio_std']:.2f}")
     lines.append(
         f"| {r['router']} | {scale * r['value']:.{1 if scale > 1 else 3}f} ± "
         f"{scale * r['value_std']:.{1 if scale > 1 else 3}f} | {active} | "
@@ -63,7 +69,7 @@ def markdown_table(task: str, rows: List[Dict]) -> str:
         f"{r['activated_flops_per_token'] / 1e6:.3f} / "
         f"{r['train_computed_flops_per_token'] / 1e6:.3f} | {' / '.join(finals) or '-'} | "
         f"{f'{speed:.2f}×' if speed else '-'} | "
-        f"{'-' if dropped is None else f'{100 * dropped:.1f}%'} |")
+        f"{'-' if dropped is None else f'{100 * dropped:.1f}%'} | {ratio} |")
   return '\n'.join(lines)
 
 

@@ -15,7 +15,7 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
            'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20', 'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls',
            'dynmoe_b1.5_h20_fb_ls', 'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain',
-           'remoe_b1.5', 'null_b1.5')
+           'remoe_b1.5', 'null_b1.5', 'top2_lfb')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
@@ -109,6 +109,13 @@ def router_variants() -> Dict[str, Callable]:
         c.model.moe.top_any.scale = 10.0
     return edit
 
+  def loss_free(base):
+    def edit(c):
+      base(c)
+      c.model.moe[c.model.moe.router].load_balance_weight = 0.0
+      c.balance.loss_free = True
+    return edit
+
   def routed_at_budget(router, target, **settings):
     def edit(c):
       c.model.moe.router = router
@@ -167,7 +174,9 @@ def router_variants() -> Dict[str, Callable]:
               # the routers after the seeds, at the same budget of 1.5 experts per token
               'remoe_b1.5': routed_at_budget('remoe', 1.5),
               # AdaMoE: top-3 over 8 real and 8 null experts, 1.5 real per token at balance
-              'null_b1.5': routed_at_budget('null_experts', 1.5, k=3, num_null=8)}
+              'null_b1.5': routed_at_budget('null_experts', 1.5, k=3, num_null=8),
+              # top-2 balanced by the loss-free bias instead of the auxiliary loss
+              'top2_lfb': loss_free(top_k(2))}
   for name in ROUTERS:
     if name.endswith(CAPACITY_SUFFIX):
       variants[name] = replanned(variants[name[:-len(CAPACITY_SUFFIX)]])

@@ -138,6 +138,9 @@ class RouterSpec:
   # True where a token's experts depend on the other tokens of its routing group (expert
   # choice: each expert takes its top tokens): in a causal LM, on later tokens.
   routes_across_tokens: bool = False
+  # True where the router reads controls['bias'] [E], a per-expert offset of the scores it
+  # selects by and not of its combine weights (loss-free balancing, train.balance).
+  selection_bias: bool = False
 
   def budget_initial(self, settings) -> float:
     """The controlled value's start: the setting (p) or the loss weight it replaces."""

@@ -31,10 +31,11 @@ class TopK(base.BoundedChoice):
 
 
 def route(module, settings: TopK, tokens, training, token_importance, controls):
-  del training, token_importance, controls
+  del training, token_importance
   router_logits, params = base.logits(module, tokens)
-  return (routing.top_k(router_logits, settings.k, normalize=settings.normalize),
-          router_logits, params)
+  # controls['bias']: loss-free balancing's per-expert selection bias (train.balance)
+  return (routing.top_k(router_logits, settings.k, normalize=settings.normalize,
+                        selection_bias=controls.get('bias')), router_logits, params)
 
 
 def aux_losses(settings: TopK, route_out, router_logits, params) -> base.LossTerms:
@@ -42,4 +43,5 @@ def aux_losses(settings: TopK, route_out, router_logits, params) -> base.LossTer
   return base.balance_and_z(settings, route_out, router_logits)
 
 
-SPEC = base.RouterSpec('top_k', TopK, route, aux_losses, **base.LOGIT_ROUTER)
+SPEC = base.RouterSpec('top_k', TopK, route, aux_losses, selection_bias=True,
+                       **base.LOGIT_ROUTER)

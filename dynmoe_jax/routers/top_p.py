@@ -39,7 +39,8 @@ def route(module, settings: TopP, tokens, training, token_importance, controls):
   del training, token_importance
   router_logits, params = base.logits(module, tokens)
   p = controls.get('p', settings.p)  # a compute budget's adapted p, else the setting
-  return routing.top_p(router_logits, p, settings.max_k), router_logits, params
+  out = routing.top_p(router_logits, p, settings.max_k, selection_bias=controls.get('bias'))
+  return out, router_logits, params
 
 
 def aux_losses(settings: TopP, route_out, router_logits, params) -> base.LossTerms:
@@ -52,4 +53,4 @@ def aux_losses(settings: TopP, route_out, router_logits, params) -> base.LossTer
 # A budget adapts p itself: the same multiplicative steps, p lowered while the layer takes
 # more experts per token than the target and raised while fewer
 SPEC = base.RouterSpec('top_p', TopP, route, aux_losses, budget_control='p',
-                       budget_control_raises_k=True, **base.LOGIT_ROUTER)
+                       budget_control_raises_k=True, selection_bias=True, **base.LOGIT_ROUTER)

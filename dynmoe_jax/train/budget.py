@@ -89,6 +89,10 @@ class Budget:
     """{layer: {control: traced value}}: what the model's MoE blocks read."""
     return {layer: {self.control: controls[layer]} for layer in self.layers}
 
+  def report(self, controls: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+    """The controlled value of each layer, as its train rows show it."""
+    return {names.metric_key(layer, self.metric): controls[layer] for layer in self.layers}
+
   def update(self, controls: Mapping[str, jax.Array], metrics: Mapping[str, jax.Array]
              ) -> Dict[str, jax.Array]:
     out = {}

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from dynmoe_jax import checkpointing, config_lib, default_config, routers, sharding
 from dynmoe_jax.layout import Layout
-from dynmoe_jax.train import budget as budget_lib
+from dynmoe_jax.train import controls as controls_lib
 from dynmoe_jax.train import state as state_lib
 
 # Dotted config fields (or prefixes ending in '.') a resumed run may change.
@@ -41,7 +41,8 @@ V1_ABSENT_MEANS = {
     'budget_two_sided': False, 'budget_error_unit': None, 'budget_horizon': None,
     'capacity': None, 'group_size': None, 'priority': None, 'normalize_top_k': None,
 }
-ABSENT_MEANS = {'model.noncausal_routing': False}
+ABSENT_MEANS = {'model.noncausal_routing': False,
+                'balance.loss_free': False, 'balance.rate': 1e-3}
 
 # Layout 1's flat model.moe field -> layout 2's (section, field); the router sections take
 # the shared fields (k, max_k, expected_k, priority, the loss weights) below.
@@ -237,9 +238,9 @@ def restore_params(workdir: str, config, sample_inputs):
     step = max(manager.all_steps())
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     model = config_lib.build_model(config, Layout.from_meta(meta))
-    budget = budget_lib.from_config(config, model.experts_per_layer)
+    controllers = controls_lib.from_config(config, model.experts_per_layer)
     init = state_lib.make_init(model, config_lib.build_optimizer(config), sample_inputs,
-                               budget.initial_controls() if budget else None)
+                               controllers.initial_controls() if controllers else None)
     abstract = sharding.strip_boxes(jax.eval_shape(init, jax.random.PRNGKey(0)))
     device = jax.local_devices()[0]
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
@@ -250,5 +251,6 @@ def restore_params(workdir: str, config, sample_inputs):
     manager.close()
   # the params and the budget's controls only: the optimizer state stays off the host
   state = restored['state']
-  controls = budget.layer_controls(jax.device_get(state.moe_controls)) if budget else None
+  controls = (controllers.layer_controls(jax.device_get(state.moe_controls)) if controllers
+              else None)
   return model, jax.device_get(state.params), step, controls

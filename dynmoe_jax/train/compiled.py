@@ -17,7 +17,7 @@ import optax
 
 from dynmoe_jax import adaptive, config_lib, grouped_matmul, sharding
 from dynmoe_jax.layout import Layout
-from dynmoe_jax.train import budget as budget_lib
+from dynmoe_jax.train import controls as controls_lib
 from dynmoe_jax.train import state as state_lib
 from dynmoe_jax.train import steps
 
@@ -34,12 +34,13 @@ class Compiled:
   train_step: Callable
   eval_step: Callable
   seconds: float = 0.0           # wall time the compile took
-  budget: Optional[budget_lib.Budget] = None  # the compute budget's controller, if any
+  # a compute budget's and loss-free balancing's controllers, if any
+  controllers: Optional[controls_lib.Controllers] = None
   grouped_matmul: str = ''       # what runs dispatch_impl='ragged' here ('' for other paths)
 
   def layer_controls(self, state) -> Optional[Dict[str, Dict[str, Any]]]:
-    """What the model's MoE blocks read from `state`'s budget controllers (None: none)."""
-    return self.budget.layer_controls(state.moe_controls) if self.budget else None
+    """What the model's MoE blocks read from `state`'s controllers (None: none)."""
+    return self.controllers.layer_controls(state.moe_controls) if self.controllers else None
 
   def cost(self) -> Dict[str, float]:
     """XLA's cost analysis of the compiled train step (one step, whole batch)."""
@@ -92,7 +93,7 @@ class Steps:
   shardings: Any
   abstract_state: Any
   expert_axes: Dict[Tuple[str, ...], int]
-  budget: Optional[budget_lib.Budget]
+  controllers: Optional[controls_lib.Controllers]
   train: Any                     # jax.jit-wrapped train step
   train_args: Tuple[Any, ...]
   eval: Any                      # jax.jit-wrapped eval step
@@ -113,8 +114,9 @@ def build_steps(config, layout: Layout, *, mesh, tx: optax.GradientTransformatio
   task = config.model.task
   model = config_lib.build_model(config, layout)
   sample = steps.model_inputs({k: v[:1] for k, v in example_batch.items()}, task)
-  budget = budget_lib.from_config(config, layout.experts)
-  init = state_lib.make_init(model, tx, sample, budget.initial_controls() if budget else None)
+  controllers = controls_lib.from_config(config, layout.experts)
+  init = state_lib.make_init(model, tx, sample,
+                             controllers.initial_controls() if controllers else None)
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.param_shardings(boxed, mesh)
   abstract_state = jax.tree.map(
@@ -127,12 +129,13 @@ def build_steps(config, layout: Layout, *, mesh, tx: optax.GradientTransformatio
       steps.make_train_step(model, tx, task=task,
                             learning_rate_fn=config_lib.learning_rate_schedule(config),
                             augment_shift=augment_shift,
-                            skip_nonfinite=config.skip_nonfinite_updates, budget=budget),
+                            skip_nonfinite=config.skip_nonfinite_updates,
+                            controllers=controllers),
       in_shardings=(shardings, jax.tree.map(lambda a: a.sharding, train_batch)),
       out_shardings=(shardings, None, None), donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(model, task=task, budget=budget))
+  eval_step = jax.jit(steps.make_eval_step(model, task=task, controllers=controllers))
   return Steps(model, init, shardings, abstract_state, adaptive.expert_axes(boxed.params),
-               budget, train_step, (abstract_state, train_batch), eval_step,
+               controllers, train_step, (abstract_state, train_batch), eval_step,
                (abstract_state.params, abstract_state.moe_controls, eval_batch))
 
 
@@ -152,7 +155,7 @@ def compile_layout(config, layout: Layout, *, mesh, tx: optax.GradientTransforma
     eval_step = built.eval.lower(*built.eval_args).compile()
   return Compiled(layout, built.model, built.init, built.shardings, built.abstract_state,
                   built.expert_axes, train_step, eval_step,
-                  seconds=time.perf_counter() - start, budget=built.budget,
+                  seconds=time.perf_counter() - start, controllers=built.controllers,
                   grouped_matmul=(check_grouped_matmul(config)
                                   if config.model.moe.dispatch_impl == 'ragged' else ''))
 

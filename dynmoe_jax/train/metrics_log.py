@@ -28,6 +28,10 @@ def train_row(step: int, window: List[Mapping[str, Any]], seconds: float, task: 
   for key in host[0]:
     if names.split_metric_key(key) or key in ('task_loss', 'aux_loss', 'grad_norm'):
       row[key] = np.mean([m[key] for m in host], axis=0).tolist()
+  for key in [k for k in row if k.endswith('/expert_load')]:
+    # max/min load over the window (a dead expert: its floor 1e-6 gives 1e6)
+    load = np.asarray(row[key])
+    row[key[:-len('expert_load')] + 'load_ratio'] = float(load.max() / max(load.min(), 1e-6))
   row['learning_rate'] = float(host[-1]['learning_rate'])
   row['skipped_steps'] = int(sum(m['skipped'] for m in host))
   row['steps_per_sec'] = len(window) / max(seconds, 1e-9)

@@ -90,15 +90,15 @@ def nonfinite_report(grads) -> Dict[str, jax.Array]:
 
 def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
                     learning_rate_fn: optax.Schedule, augment_shift: int = 0,
-                    skip_nonfinite: bool = False, budget=None) -> Callable:
+                    skip_nonfinite: bool = False, controllers=None) -> Callable:
   """(state, batch) -> (state, metrics, routing records per MoE layer).
 
   augment_shift > 0: signals are randomly shifted by up to that many samples.
   skip_nonfinite: a step whose loss or gradients are not finite leaves the params
   and optimizer state as they were (the step counter still advances).
-  budget: a `train.budget.Budget`, whose controllers (state.moe_controls) set the
-  router's budget control (a loss weight, or top-p's p) and are updated from this step's
-  routing.
+  controllers: a `train.controls.Controllers` (a compute budget, loss-free balancing), whose
+  values (state.moe_controls) the routers read (a loss weight, top-p's p, a selection
+  bias) and which are updated from this step's routing.
   """
 
   def train_step(state: TrainState, batch):
@@ -108,7 +108,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     if augment_shift > 0:
       inputs = augment.augment_shift(inputs, aug_rng, augment_shift)
 
-    layer_controls = budget.layer_controls(state.moe_controls) if budget else None
+    layer_controls = controllers.layer_controls(state.moe_controls) if controllers else None
 
     def loss_fn(params):
       logits, aux = model.apply({'params': params}, inputs, training=True,
@@ -122,10 +122,10 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str,
     report = nonfinite_report(grads)
     finite = jnp.isfinite(total) & jnp.all(jnp.stack(list(report.values())))
     moe_metrics = flatten_moe_metrics(aux['moe'])
-    controls = (budget.update(state.moe_controls, moe_metrics) if budget
-                else state.moe_controls)
-    for layer in (budget.layers if budget else ()):
-      moe_metrics[names.metric_key(layer, budget.metric)] = state.moe_controls[layer]
+    controls = state.moe_controls
+    if controllers:
+      controls = controllers.update(state.moe_controls, moe_metrics)
+      moe_metrics.update(controllers.report(state.moe_controls))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               moe_controls=controls)
     if skip_nonfinite:
@@ -151,14 +151,14 @@ EVAL_COUNTS = ('tokens', 'all_tokens', 'routed_pairs', 'unrouted_tokens', 'dropp
                'rows', 'activated_flops', 'computed_flops', 'capacity')
 
 
-def make_eval_step(model, *, task: str, budget=None) -> Callable:
+def make_eval_step(model, *, task: str, controllers=None) -> Callable:
   """(params, moe_controls, batch with 'mask') -> sums to add up over the eval set.
   Padding rows (mask 0) are routed nowhere, so every figure is the same for any batch
   size. A budget's controllers (the train state's moe_controls) route as in training:
   top-p's adapted p is part of the model it trained."""
 
   def eval_step(params, moe_controls, batch):
-    layer_controls = budget.layer_controls(moe_controls) if budget else None
+    layer_controls = controllers.layer_controls(moe_controls) if controllers else None
     logits, aux = model.apply({'params': params}, model_inputs(batch, task), training=False,
                               example_mask=batch['mask'], moe_controls=layer_controls)
     _, sums = task_loss(logits, batch, task)
