@@ -22,7 +22,7 @@ import numpy as np
 from dynmoe_jax.settings import Settings, is_int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Capacity(Settings):
   """Slots per expert.
 

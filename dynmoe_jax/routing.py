@@ -84,6 +84,15 @@ def _mask_from_indices(indices: jax.Array, valid: jax.Array, num_experts: int) -
   return one_hot.any(axis=-2)
 
 
+def _top(probs: jax.Array, k: int, selection_bias: Optional[jax.Array]):
+  """(probabilities, indices) of each row's k experts by probability, or by probability +
+  `selection_bias` [E] where one is given (the probabilities themselves unbiased)."""
+  if selection_bias is None:
+    return jax.lax.top_k(probs, k)
+  _, idx = jax.lax.top_k(probs + upcast(selection_bias), k)
+  return jnp.take_along_axis(probs, idx, axis=-1), idx
+
+
 def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None,
           selection_bias: Optional[jax.Array] = None) -> RouterOutput:
   """Switch (k=1) / GShard (k=2) routing: softmax, then the k most probable experts.
@@ -103,11 +112,7 @@ def top_k(logits: jax.Array, k: int, *, normalize: Optional[bool] = None,
   if not 1 <= k <= num_experts:
     raise ValueError(f'top_k: k={k} must be in [1, num_experts={num_experts}]')
   probs = jax.nn.softmax(logits, axis=-1)
-  if selection_bias is None:
-    top_probs, top_idx = jax.lax.top_k(probs, k)
-  else:
-    _, top_idx = jax.lax.top_k(probs + upcast(selection_bias), k)
-    top_probs = jnp.take_along_axis(probs, top_idx, axis=-1)
+  top_probs, top_idx = _top(probs, k, selection_bias)
   mask = _mask_from_indices(top_idx, jnp.ones_like(top_idx, jnp.bool_), num_experts)
   weights = probs
   if (k >= 2) if normalize is None else normalize:
@@ -139,11 +144,7 @@ def top_p(logits: jax.Array, p: float, max_k: Optional[int] = None,
   if max_k is not None and not 1 <= max_k <= num_experts:
     raise ValueError(f'top_p: max_k={max_k} must be in [1, num_experts={num_experts}]')
   probs = jax.nn.softmax(logits, axis=-1)
-  if selection_bias is None:
-    sorted_probs, sorted_idx = jax.lax.top_k(probs, num_experts)
-  else:
-    _, sorted_idx = jax.lax.top_k(probs + upcast(selection_bias), num_experts)
-    sorted_probs = jnp.take_along_axis(probs, sorted_idx, axis=-1)
+  sorted_probs, sorted_idx = _top(probs, num_experts, selection_bias)
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
   keep = mass_before <= p
   keep = keep.at[:, 0].set(True)  # guards float round-off; top-1 is kept by definition

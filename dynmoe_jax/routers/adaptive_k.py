@@ -3,14 +3,13 @@ the attention it receives."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from dynmoe_jax import routing
 from dynmoe_jax.routers import base
 
 
-@dataclasses.dataclass(frozen=True)
-class AdaptiveK(base.BoundedChoice):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdaptiveK(base.BoundedChoice, base.LogitChoice):
   """DA-MoE's settings.
 
   max_k: the largest K a token can take (the most important tokens).
@@ -21,10 +20,6 @@ class AdaptiveK(base.BoundedChoice):
   name = 'adaptive_k'
   bound = 'max_k'
   max_k: int = 2
-  expected_k: Optional[float] = None
-  priority: str = 'score'
-  load_balance_weight: float = 0.01
-  z_loss_weight: float = 1e-3
 
 
 def route(module, settings: AdaptiveK, tokens, training, token_importance, controls):

@@ -67,6 +67,16 @@ class TokenChoice(RouterSettings):
     yield from weight_problems(self)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogitChoice(TokenChoice):
+  """The fields the softmax token-choice routers share, with their defaults (a router may
+  redeclare one with its own default)."""
+  expected_k: Optional[float] = None
+  priority: str = 'score'
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 1e-3
+
+
 class BoundedChoice(TokenChoice):
   """A token-choice router whose tokens take at most the int field `bound` names (top-k's
   `k`, DA-MoE's `max_k`) experts; capacity is sized for that many unless `expected_k`."""

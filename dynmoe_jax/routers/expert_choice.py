@@ -8,7 +8,7 @@ from dynmoe_jax import capacity, losses, routing
 from dynmoe_jax.routers import base
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExpertChoice(base.RouterSettings):
   """Expert choice's settings.
 

@@ -12,7 +12,6 @@ per token than the target, lowered while fewer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,8 @@ from dynmoe_jax.routers import base
 _EPS = 1e-6
 
 
-@dataclasses.dataclass(frozen=True)
-class NullExperts(base.TokenChoice):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NullExperts(base.LogitChoice):
   """Null experts' settings.
 
   k: experts per token, real and null together (AdaMoE's enlarged top-k).
@@ -41,10 +40,6 @@ class NullExperts(base.TokenChoice):
   num_null: int = 2
   normalize: bool = True
   null_weight: float = 1.0
-  expected_k: Optional[float] = None
-  priority: str = 'score'
-  load_balance_weight: float = 0.01
-  z_loss_weight: float = 1e-3
 
   def problems(self):
     yield from base.k_problems('k', self.k)

@@ -22,7 +22,7 @@ from dynmoe_jax import losses, routing
 from dynmoe_jax.routers import base
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ReMoE(base.DynamicChoice):
   """ReMoE's settings.
 

@@ -8,8 +8,8 @@ from dynmoe_jax import routing
 from dynmoe_jax.routers import base
 
 
-@dataclasses.dataclass(frozen=True)
-class TopK(base.BoundedChoice):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopK(base.BoundedChoice, base.LogitChoice):
   """Top-k's settings.
 
   k: experts per token, exactly.
@@ -24,10 +24,7 @@ class TopK(base.BoundedChoice):
   name = 'top_k'
   k: int = 2
   normalize: Optional[bool] = None
-  expected_k: Optional[float] = None
   priority: str = 'gshard'
-  load_balance_weight: float = 0.01
-  z_loss_weight: float = 1e-3
 
 
 def route(module, settings: TopK, tokens, training, token_importance, controls):

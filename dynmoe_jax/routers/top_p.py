@@ -9,8 +9,8 @@ from dynmoe_jax import losses, routing
 from dynmoe_jax.routers import base
 
 
-@dataclasses.dataclass(frozen=True)
-class TopP(base.DynamicChoice):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopP(base.DynamicChoice, base.LogitChoice):
   """Top-p's settings.
 
   p: the probability mass a token's experts reach, in (0, 1] (a compute budget adapts it).
@@ -24,9 +24,6 @@ class TopP(base.DynamicChoice):
   p: float = 0.4
   max_k: Optional[int] = None
   expected_k: float = 2.0
-  priority: str = 'score'
-  load_balance_weight: float = 0.01
-  z_loss_weight: float = 1e-3
   entropy_weight: float = 1e-4
 
   def problems(self):
