@@ -10,7 +10,7 @@ routing; dense blocks: SwiGLU of hidden 384. Contexts of 256 bytes, 1,800 steps 
 
 Why top-p and not top-any: with this decoder and learning rate, top-any (budget 1.5)
 collapsed: by step 200 93% of training tokens activated no expert and by step 700 all
-of them, so both MoE blocks went unused (docs/results.md, "The default LM").
+of them, so both MoE blocks went unused (experiments/results/lm_small.md).
 """
 from dynmoe_jax.default_config import decoder_lm_config
 

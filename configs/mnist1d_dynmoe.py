@@ -5,7 +5,7 @@ MoE block.
 Why width 96: at the shared width of 64 the job reached 98.3, 97.7, 97.5% over seeds 0-2
 (dense: 98.5, 97.7, 98.1; dropout 0.1 or weight decay 0.05 did not change that); at 96 it
 reaches 98.2, 98.9, 98.4%, every seed at or above 98.0%, with about 1.0 expert per token
-(docs/results.md, "Top-any with the reference's 2025 losses"). The other MNIST-1D configs and the
+(experiments/results/top_any_budget.md). The other MNIST-1D configs and the
 experiments keep width 64, so their figures stay comparable with each other.
 
 Why 4 experts and not the 8 of the other MNIST-1D configs: over 3 seeds

@@ -234,7 +234,7 @@ def top_any(tokens: jax.Array, gate_embeddings: jax.Array, thresholds: jax.Array
   `train_fallback=True` it does in training too, and the weight 1 is straight-through
   s / s, so the task gradient reaches that expert's score: without it a token whose
   scores all fall below the thresholds gets no gradient that could bring one back
-  (relu passes none below 0), and a layer can die (docs/results.md, "The default LM"). The
+  (relu passes none below 0), and a layer can die (experiments/results/lm_small.md). The
   straight-through `gates` stay 0 for fallback pairs: they record what the thresholds
   chose.
 

@@ -13,7 +13,7 @@ steps ahead from its smoothed trend instead of the count now (in log space that 
 proportional-integral controller, ReMoE's rule being the integral alone): under Adam a
 price above the router's break-even point lowers the thresholds at the same speed however
 high it is, so a price that keeps rising until the count reaches the target has already
-overshot by then, and a layer pushed below the target may stay there (docs/results.md, "The
+overshot by then, and a layer pushed below the target may stay there (experiments/results/top_any_budget.md, "The
 budget's controller": ReMoE's rule ends the byte LM 17% under the target, this one within
 10%). The weights (and the smoothed counts) live in the train state: checkpointed, exact
 on resume, replicated on a mesh.
@@ -21,7 +21,7 @@ on resume, replicated on a mesh.
 Top-p's control is p itself (`raises_k`), moved the other way: divided while above the
 target, multiplied while below, in [MIN_P, 1]. Pricing its entropy loss instead collapsed
 its router onto one or two experts. p acts on K at once, with no optimizer in between, so
-the horizon only adds jitter there: top-p runs want `horizon=None` (docs/results.md, "Top-p at a
+the horizon only adds jitter there: top-p runs want `horizon=None` (experiments/results/top_any_budget.md, "Top-p at a
 budget of 1.5").
 
 The count controlled is the one evaluation reports: training's experts per token plus
