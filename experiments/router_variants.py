@@ -15,13 +15,14 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
            'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20', 'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls',
            'dynmoe_b1.5_h20_fb_ls', 'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain',
-           'remoe_b1.5', 'null_b1.5', 'top2_lfb')
+           'remoe_b1.5', 'null_b1.5', 'null_b1.5_i', 'top2_lfb')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
            'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20',
            'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls', 'dynmoe_b1.5_h20_fb_ls',
-           'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain', 'remoe_b1.5', 'null_b1.5')
+           'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain', 'remoe_b1.5', 'null_b1.5',
+           'null_b1.5_i')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -116,11 +117,13 @@ def router_variants() -> Dict[str, Callable]:
       c.balance.loss_free = True
     return edit
 
-  def routed_at_budget(router, target, **settings):
+  def routed_at_budget(router, target, horizon=None, **settings):
     def edit(c):
       c.model.moe.router = router
       c.model.moe[router].update(settings)
       c.budget.target_experts_per_token = target
+      if horizon is not None:
+        c.budget.horizon = horizon
     return edit
 
   def dynmoe_adaptive(c):
@@ -175,6 +178,9 @@ def router_variants() -> Dict[str, Callable]:
               'remoe_b1.5': routed_at_budget('remoe', 1.5),
               # AdaMoE: top-3 over 8 real and 8 null experts, 1.5 real per token at balance
               'null_b1.5': routed_at_budget('null_experts', 1.5, k=3, num_null=8),
+              # the null weight acts on K at once, as top-p's p: no predicted trend
+              'null_b1.5_i': routed_at_budget('null_experts', 1.5, horizon=0.0, k=3,
+                                              num_null=8),
               # top-2 balanced by the loss-free bias instead of the auxiliary loss
               'top2_lfb': loss_free(top_k(2))}
   for name in ROUTERS:
