@@ -65,6 +65,21 @@ def load_config(name: str, *args):
   return config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'), *args)
 
 
+def trained_under_a_budget(router: str, workdir: str, target: float = 1.0):
+  """The tiny job of `router` trained under a budget of `target` experts per token:
+  (the trainer, its last train row)."""
+  import json
+  from dynmoe_jax import train
+  config = load_config('tiny', router)
+  config.budget.target_experts_per_token = target
+  config.budget.rate = 1.5
+  trainer = train.Trainer(config, workdir)
+  trainer.run()
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return trainer, [r for r in rows if r['split'] == 'train'][-1]
+
+
 def killed_and_resumed(config, workdir: str, kill_after: int):
   """Train in `workdir`, kill the run after step `kill_after` (an exception from the
   step hook, as a crash would), then resume it to the end: (resumed trainer, result)."""

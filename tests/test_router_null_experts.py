@@ -10,7 +10,7 @@ from dynmoe_jax import adaptive, layers, routers
 from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.routers import null_experts
 from dynmoe_jax.train import budget as budget_lib
-from tests.conftest import load_config
+from tests.conftest import load_config, trained_under_a_budget
 
 T, D, E, N, K = 32, 8, 4, 3, 3
 
@@ -107,17 +107,9 @@ def test_a_budget_prices_real_experts_through_the_null_weight():
 
 @pytest.mark.slow
 def test_null_experts_train_under_a_budget_and_the_null_weight_moves(tmp_path):
-  from dynmoe_jax import train
-  config = load_config('tiny', 'null_experts')
-  config.budget.target_experts_per_token = 1.0
-  config.budget.rate = 1.5
-  trainer = train.Trainer(config, str(tmp_path))
-  result = trainer.run()
-  assert np.isfinite(result['eval']['loss'])
+  trainer, last = trained_under_a_budget('null_experts', str(tmp_path))
+  assert np.isfinite(last['loss']) and 'moe/layer_1/null_weight' in last
   assert float(trainer.state.moe_controls['layer_1']) != pytest.approx(1.0)
-  import json
-  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
-  assert 'moe/layer_1/null_weight' in [r for r in rows if r['split'] == 'train'][-1]
 
 
 @pytest.mark.parametrize('impl', ['sort', 'einsum', 'ragged'])

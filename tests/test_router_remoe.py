@@ -10,7 +10,7 @@ from dynmoe_jax import layers, routers
 from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.routers import remoe
 from dynmoe_jax.train import budget as budget_lib
-from tests.conftest import load_config
+from tests.conftest import load_config, trained_under_a_budget
 
 T, D, E = 24, 8, 6
 
@@ -60,15 +60,11 @@ def test_a_budget_prices_experts_through_the_l1_weight():
 
 @pytest.mark.slow
 def test_remoe_trains_under_a_budget_and_its_weight_moves(tmp_path):
-  from dynmoe_jax import train
-  config = load_config('tiny', 'remoe')
-  config.budget.target_experts_per_token = 1.0
-  config.budget.rate = 1.5
-  trainer = train.Trainer(config, str(tmp_path))
-  result = trainer.run()
-  assert np.isfinite(result['eval']['loss'])
+  trainer, last = trained_under_a_budget('remoe', str(tmp_path))
+  assert np.isfinite(last['loss'])
+  assert 'moe/layer_1/l1_weight' in last
   weight = float(trainer.state.moe_controls['layer_1'])
-  assert weight != pytest.approx(config.model.moe.remoe.l1_weight)
+  assert weight != pytest.approx(routers.ReMoE().l1_weight)
 
 
 @pytest.mark.parametrize('impl', ['sort', 'einsum', 'ragged'])
