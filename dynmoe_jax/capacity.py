@@ -122,11 +122,6 @@ def slots_per_expert(capacity: Capacity, router_settings, num_tokens: int, num_e
                      capacity.multiple_of)
 
 
-def group_tokens(capacity: Capacity, num_tokens: int) -> int:
-  """Tokens per routing group of a call of `num_tokens` tokens."""
-  return capacity.group_size or num_tokens
-
-
 @dataclasses.dataclass(frozen=True)
 class PlanRule:
   """How capacity follows recorded routing (config.adaptive.capacity_*).

@@ -55,6 +55,3 @@ class Settings:
       if owner is None:
         raise
       raise SettingsError(owner, e.field, e.value, e.reason) from None
-
-  def to_dict(self):
-    return dataclasses.asdict(self)

@@ -31,7 +31,7 @@ NAMES = tuple(REGISTRY)
 ALL_ROUTER_PARAMS = tuple(sorted({p for spec in REGISTRY.values() for p in spec.router_params}))
 
 __all__ = ['AdaptiveK', 'ExpertChoice', 'LossTerms', 'NullExperts', 'ReMoE', 'RouterSettings',
-           'RouterSpec', 'TopAny', 'TopK', 'TopP', 'REGISTRY', 'NAMES', 'get', 'resolve', 'settings_of']
+           'RouterSpec', 'TopAny', 'TopK', 'TopP', 'REGISTRY', 'NAMES', 'get', 'resolve']
 
 
 def get(name: str) -> RouterSpec:
@@ -50,13 +50,6 @@ def resolve(router: Union[str, RouterSettings]) -> Tuple[RouterSpec, RouterSetti
     raise ValueError(f'router={router!r} is neither a router name {NAMES} nor the '
                      f'settings of one ({[s.settings.__name__ for s in REGISTRY.values()]})')
   return spec, router
-
-
-def settings_of(moe_config: Mapping, owner: str = 'model.moe') -> RouterSettings:
-  """The router settings a config's model.moe section holds (its `router` name and the
-  section of that name)."""
-  spec = get(moe_config['router'])
-  return spec.settings.from_config(moe_config[spec.name], f'{owner}.{spec.name}')
 
 
 def check(router: Union[str, RouterSettings], capacity, num_experts: int
