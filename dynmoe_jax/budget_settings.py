@@ -6,6 +6,8 @@ from typing import Optional
 
 from dynmoe_jax.settings import Settings, is_number
 
+CONTROLLERS = ('rate', 'pi')
+
 
 @dataclasses.dataclass(frozen=True)
 class BudgetSettings(Settings):
@@ -22,12 +24,20 @@ class BudgetSettings(Settings):
     that stops the price winding up while the count already falls); 0 or None: on this
     step's count. error_unit and horizon both 0: the first controller, as the earlier
     budget figures of docs/results.md were measured.
+  controller: 'rate' (the above, per layer) or 'pi': DTop-p's (arXiv 2512.13996) one
+    threshold for every layer, p = p0 + kp·e + ki·Σe on the relative error e of the layers'
+    mean count (train.pi_budget), for routers whose control is a threshold (top-p, DTop-p);
+    rate, two_sided, error_unit and horizon are then unused.
+  kp, ki: the PI controller's proportional and integral gains (per unit relative error).
   """
   target_experts_per_token: Optional[float] = None
   rate: float = 1.05
   two_sided: bool = False
   error_unit: Optional[float] = 0.1
   horizon: Optional[float] = 20.0
+  controller: str = 'rate'
+  kp: float = 0.1
+  ki: float = 0.02
 
   def problems(self):
     target = self.target_experts_per_token
@@ -39,6 +49,11 @@ class BudgetSettings(Settings):
       value = getattr(self, name)
       if value is not None and not (is_number(value) and value >= 0):
         yield name, 'must be a number >= 0 (0 or None: off)'
+    if self.controller not in CONTROLLERS:
+      yield 'controller', f'must be one of {CONTROLLERS}'
+    for name in ('kp', 'ki'):
+      if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
+        yield name, 'must be a number >= 0'
 
   @property
   def enabled(self) -> bool:

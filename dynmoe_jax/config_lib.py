@@ -249,6 +249,11 @@ def _check_moe(config):
     _fail('balance.loss_free', True, f'needs a router that selects by score with a bias '
           f'({[n for n, s in routers.REGISTRY.items() if s.selection_bias]}), not '
           f'{moe.router!r}')
+  if budget.enabled and budget.controller == 'pi' and not spec.budget_control_raises_k:
+    _fail('budget.controller', 'pi', f'sets a routing threshold shared by every layer '
+          f'({[n for n, s in routers.REGISTRY.items() if s.budget_control_raises_k]}); '
+          f'router {moe.router!r} is priced through {spec.budget_control!r}: use '
+          f"budget.controller='rate'")
   if budget.two_sided and spec.budget_control_raises_k:
     _fail('budget.two_sided', True, f'is for a budget that prices experts (a loss weight); '
           f'router {moe.router!r} adapts {spec.budget_control!r}, which moves both ways')
@@ -317,9 +322,6 @@ def _check_adaptive(config, layout, router, capacity):
             f'must be in [0, dropped_fraction_warning={config.dropped_fraction_warning})')
     if not 0.0 <= a.capacity_tolerance < 1.0:
       _fail('adaptive.capacity_tolerance', a.capacity_tolerance, 'must be in [0, 1)')
-  if a.enabled and balance_settings(config).loss_free:
-    _fail('balance.loss_free', True, 'keeps one bias per expert, which adaptive experts '
-          '(adaptive.enabled) would resize: not supported together yet')
   if a.enabled:
     _positive_int('adaptive.min_experts', a.min_experts)
     _positive_int('adaptive.max_experts', a.max_experts)

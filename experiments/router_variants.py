@@ -15,14 +15,15 @@ ROUTERS = ('dense', 'top1', 'top2', 'top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_202
            'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap', 'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20',
            'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20', 'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls',
            'dynmoe_b1.5_h20_fb_ls', 'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain',
-           'remoe_b1.5', 'null_b1.5', 'null_b1.5_i', 'top2_lfb')
+           'remoe_b1.5', 'null_b1.5', 'null_b1.5_i', 'top2_lfb', 'dtop_p_b1.5',
+           'top_p0.4_b1.5_pi')
 DYNAMIC = ('top_p0.4', 'top_p0.6', 'damoe', 'dynmoe_2024', 'dynmoe', 'dynmoe_b1.5',
            'dynmoe_b1.0', 'dynmoe_adaptive', 'dynmoe_cap', 'dynmoe_b1.5_cap', 'dynmoe_b1.5_2s',
            'dynmoe_b1.5_p', 'dynmoe_b1.5_2sp', 'dynmoe_b1.5_k4', 'dynmoe_b1.5_k4_cap',
            'dynmoe_b1.5_h10', 'dynmoe_b1.5_h20', 'dynmoe_b1.5_h40', 'dynmoe_b1.0_h20',
            'dynmoe_b1.5_h20_fb', 'dynmoe_b1.5_h20_ls', 'dynmoe_b1.5_h20_fb_ls',
            'top_p0.4_b1.5', 'top_p0.4_b1.5_i', 'top_p0.4_b1.5_plain', 'remoe_b1.5', 'null_b1.5',
-           'null_b1.5_i')
+           'null_b1.5_i', 'dtop_p_b1.5', 'top_p0.4_b1.5_pi')
 CAPACITY_SUFFIX = '_cap'  # <router>_cap: the same router with capacity re-planned
 NOISE_DATASETS = {1.0: 'mnist1d', 2.0: 'mnist1d/noise_x2', 4.0: 'mnist1d/noise_x4'}
 LOSS_BINS = 5
@@ -117,13 +118,15 @@ def router_variants() -> Dict[str, Callable]:
       c.balance.loss_free = True
     return edit
 
-  def routed_at_budget(router, target, horizon=None, **settings):
+  def routed_at_budget(router, target, horizon=None, controller=None, **settings):
     def edit(c):
       c.model.moe.router = router
       c.model.moe[router].update(settings)
       c.budget.target_experts_per_token = target
       if horizon is not None:
         c.budget.horizon = horizon
+      if controller is not None:
+        c.budget.controller = controller
     return edit
 
   def dynmoe_adaptive(c):
@@ -182,7 +185,11 @@ def router_variants() -> Dict[str, Callable]:
               'null_b1.5_i': routed_at_budget('null_experts', 1.5, horizon=0.0, k=3,
                                               num_null=8),
               # top-2 balanced by the loss-free bias instead of the auxiliary loss
-              'top2_lfb': loss_free(top_k(2))}
+              'top2_lfb': loss_free(top_k(2)),
+              # DTop-p: one p for every layer from a PI controller, over normalised logits;
+              # and top-p under that controller without the normalisation
+              'dtop_p_b1.5': routed_at_budget('dtop_p', 1.5, controller='pi'),
+              'top_p0.4_b1.5_pi': top_p_budget(0.4, 1.5, controller='pi')}
   for name in ROUTERS:
     if name.endswith(CAPACITY_SUFFIX):
       variants[name] = replanned(variants[name[:-len(CAPACITY_SUFFIX)]])

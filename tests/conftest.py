@@ -24,11 +24,8 @@ def pytest_configure(config):
     a cache hit. Every session starts empty, so it compiles everything once, as CI does."""
   if hasattr(config, 'workerinput'):
     return  # an xdist worker inherits the controller's environment
-  # XLA's CPU backend at LLVM -O0: the same HLO passes, ~40% less compile time on the
-  # suite's small programs, which compile for longer than they run (the tiny job: 8.7 s to
-  # compile its step at the default level, 4.9 s at 0, and the same eval figures). Tests
-  # compare runs made under the same flags; the subprocesses inherit it (xla_flags()).
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+  os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *known_xla_flags(
+      FAST_COMPILE)]).strip()
   data_dir = tempfile.mkdtemp(prefix='dynmoe-test-tfds-')
   os.environ['TFDS_DATA_DIR'] = data_dir
   config._dynmoe_tfds = data_dir

@@ -82,6 +82,23 @@ def test_config_turns_it_on_for_routers_that_select_by_score_only():
     config_lib.validate(config, num_devices=1)
 
 
+def test_adaptive_experts_resize_the_bias_with_the_experts():
+  from dynmoe_jax import adaptive
+  controls = {'layer_1/bias': np.asarray([0.1, -0.2, 0.3, 0.0], np.float32),
+              'layer_3/bias': np.asarray([0.5, 0.5], np.float32), 'layer_1': np.float32(0.4)}
+  plans = {('layer_1', 'moe'): adaptive.LayerPlan(keep=(0, 2), num_new=1, old_count=4),
+           ('layer_3', 'moe'): adaptive.LayerPlan(keep=(0, 1), old_count=2)}
+  out = balance_lib.resized(controls, plans)
+  np.testing.assert_allclose(out['layer_1/bias'], [0.1, 0.3, 0.2])  # the new one: the mean
+  assert out['layer_3/bias'] is controls['layer_3/bias'] and out['layer_1'] == 0.4
+  config = load_config('tiny', 'top_k')
+  config.balance.loss_free = True
+  config.adaptive.enabled = True
+  config.adaptive.every, config.adaptive.record_steps = 10, 4
+  config.adaptive.compile_lead_steps = 3
+  config_lib.validate(config, num_devices=1)  # the pair is accepted
+
+
 @pytest.mark.slow
 def test_the_bias_is_train_state_checkpointed_and_resumed_exactly(tmp_path):
   config = load_config('tiny', 'top_k')

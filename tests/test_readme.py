@@ -54,3 +54,12 @@ def test_the_manuals_upcycling_commands_run(tmp_path):
                     timeout=600)
     assert proc.returncode == 0, (config, args, proc.stderr[-3000:])
   assert (tmp_path / 'workdir' / 'upcycled' / 'checkpoints' / '6').is_dir()
+
+
+def test_the_manuals_table_of_router_settings_is_every_routers_defaults():
+  from dynmoe_jax import routers
+  text = open(os.path.join(ROOT, 'docs/guide.md')).read()
+  rows = dict(re.findall(r'^\| `(\w+)` \| `(routers\.\w+\(.*\))` \|$', text, flags=re.M))
+  assert set(rows) == set(routers.NAMES)
+  for name, expression in rows.items():
+    assert eval(expression, {'routers': routers}) == routers.get(name).settings(), name

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynmoe_jax.routers import (adaptive_k, expert_choice, null_experts, remoe, top_any, top_k,
-                                top_p)
+from dynmoe_jax.routers import (adaptive_k, dtop_p, expert_choice, null_experts, remoe, top_any,
+                                top_k, top_p)
 from dynmoe_jax.routers.adaptive_k import AdaptiveK
 from dynmoe_jax.routers.base import LossTerms, RouterSettings, RouterSpec
+from dynmoe_jax.routers.dtop_p import DTopP
 from dynmoe_jax.routers.expert_choice import ExpertChoice
 from dynmoe_jax.routers.null_experts import NullExperts
 from dynmoe_jax.routers.remoe import ReMoE
@@ -25,12 +26,12 @@ from dynmoe_jax.routers.top_k import TopK
 from dynmoe_jax.routers.top_p import TopP
 
 REGISTRY: Dict[str, RouterSpec] = {module.SPEC.name: module.SPEC for module in (
-    top_any, top_k, top_p, adaptive_k, expert_choice, remoe, null_experts)}
+    top_any, top_k, top_p, adaptive_k, expert_choice, remoe, null_experts, dtop_p)}
 NAMES = tuple(REGISTRY)
 # Every parameter name any router creates: the rest of an MoE module is its experts.
 ALL_ROUTER_PARAMS = tuple(sorted({p for spec in REGISTRY.values() for p in spec.router_params}))
 
-__all__ = ['AdaptiveK', 'ExpertChoice', 'LossTerms', 'NullExperts', 'ReMoE', 'RouterSettings',
+__all__ = ['AdaptiveK', 'DTopP', 'ExpertChoice', 'LossTerms', 'NullExperts', 'ReMoE', 'RouterSettings',
            'RouterSpec', 'TopAny', 'TopK', 'TopP', 'REGISTRY', 'NAMES', 'get', 'resolve']
 
 

@@ -5,16 +5,18 @@ to its combine weights, so it moves which experts tokens take without a gradient
 step b_e += rate · sign(mean load - load_e), with load_e the share of the step's routed pairs
 that went to expert e. The biases live in the train state's `moe_controls` (`<layer>/bias`),
 outside the optimizer, checkpointed with the state and so resumed exactly; they are
-replicated on a mesh (E floats per layer). Train rows show each layer's max/min load ratio
+replicated on a mesh (E floats per layer), and resized with the experts at an adaptive
+boundary (`resized`). Train rows show each layer's max/min load ratio
 (`moe/<layer>/load_ratio`) and the bias's spread (`moe/<layer>/bias_range`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynmoe_jax import config_lib, names
 
@@ -52,6 +54,23 @@ class Balancer:
     return {names.metric_key(layer, 'bias_range'):
             jnp.max(controls[bias_key(layer)]) - jnp.min(controls[bias_key(layer)])
             for layer in self.layers}
+
+
+def resized(controls: Mapping[str, jax.Array], plans: Mapping[Tuple[str, str], Any]
+            ) -> Dict[str, jax.Array]:
+  """`controls` with each resized layer's bias following its adaptive.LayerPlan: kept
+  experts keep theirs, removed ones lose it, and a new expert starts at the kept biases'
+  mean (neither favoured nor held back before its load is seen)."""
+  out = dict(controls)
+  for (layer, _), plan in plans.items():
+    key = bias_key(layer)
+    if key not in controls or plan.is_noop:
+      continue
+    bias = np.asarray(controls[key])
+    kept = bias[list(plan.keep)]
+    start = float(kept.mean()) if kept.size else 0.0
+    out[key] = np.concatenate([kept, np.full((plan.num_new,), start, bias.dtype)])
+  return out
 
 
 def from_config(config, layout: Sequence[int]) -> Optional[Balancer]:

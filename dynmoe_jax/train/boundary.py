@@ -21,6 +21,7 @@ import jax
 from dynmoe_jax import adaptive, config_lib, layers, names
 from dynmoe_jax import capacity as capacity_lib
 from dynmoe_jax.layout import Layout
+from dynmoe_jax.train import balance
 from dynmoe_jax.train.compiled import Compiled
 from dynmoe_jax.train.metrics_log import MetricsLog
 
@@ -171,7 +172,8 @@ class LayoutBoundary:
       return state, current
     if not plan.is_noop:
       params, opt_state = adaptive.resize(host.params, host.opt_state, plan)
-      state = host.replace(params=params, opt_state=opt_state)
+      state = host.replace(params=params, opt_state=opt_state,
+                           moe_controls=balance.resized(host.moe_controls, plans))
       for (name, _), layer_plan in plans.items():
         assert layer_plan.new_count == new_layout.experts[names.layer_index(name)]
     plan_seconds = time.perf_counter() - start

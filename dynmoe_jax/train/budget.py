@@ -32,12 +32,13 @@ holds that expert.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
 from dynmoe_jax import config_lib, names, routers
+from dynmoe_jax.train import pi_budget
 
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e2
 MIN_P = 1e-3  # an adapted top-p p: its floor (top-1 for nearly every token) and cap 1
@@ -137,12 +138,18 @@ class Budget:
     return out
 
 
-def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
+def from_config(config, layout: Sequence[int]) -> Union[Budget, pi_budget.PIBudget, None]:
   settings = config_lib.budget_settings(config)
   if not settings.enabled:
     return None
   router = config_lib.router_settings(config)
   spec = routers.get(router.name)
+  if settings.controller == 'pi':
+    return pi_budget.PIBudget(float(settings.target_experts_per_token),
+                              spec.budget_initial(router), tuple(names.moe_layer_names(layout)),
+                              kp=float(settings.kp), ki=float(settings.ki),
+                              add_unrouted=router.falls_back_in_eval_only(),
+                              control=spec.budget_control)
   return Budget(float(settings.target_experts_per_token), float(settings.rate),
                 spec.budget_control, spec.budget_initial(router),
                 tuple(names.moe_layer_names(layout)),

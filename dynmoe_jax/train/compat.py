@@ -42,7 +42,8 @@ V1_ABSENT_MEANS = {
     'capacity': None, 'group_size': None, 'priority': None, 'normalize_top_k': None,
 }
 ABSENT_MEANS = {'model.noncausal_routing': False,
-                'balance.loss_free': False, 'balance.rate': 1e-3}
+                'balance.loss_free': False, 'balance.rate': 1e-3,
+                'budget.controller': 'rate', 'budget.kp': 0.1, 'budget.ki': 0.02}
 
 # Layout 1's flat model.moe field -> layout 2's (section, field); the router sections take
 # the shared fields (k, max_k, expected_k, priority, the loss weights) below.
