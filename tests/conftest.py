@@ -6,7 +6,13 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_COMPILE = '--xla_backend_optimization_level=0'
+# XLA's CPU backend at LLVM -O0, and its older (non-"fusion emitter") kernel emitters: the
+# same HLO passes, less compile time on the suite's small programs, which compile for longer
+# than they run. The tiny job's train step: 8.7 s to compile at the defaults, 4.9 s at -O0;
+# its XLA compile alone 2.6-3.8 s at -O0 and 1.1-1.9 s with the older emitters as well
+# (three runs each, interleaved). Tests compare runs made under the same flags; the
+# subprocesses inherit them (xla_flags()).
+FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
 
 
 def xla_flags(devices: int) -> dict:
@@ -38,6 +44,21 @@ def pytest_configure(config):
     sys.modules['jax'].config.update('jax_compilation_cache_dir', path)
 
 
+def known_xla_flags(candidates):
+  """The candidates this jaxlib's XLA accepts (an unknown XLA flag aborts the process, and
+  XLA renames its flags between releases): each is tried in a subprocess."""
+  import subprocess
+
+  def accepted(flags):
+    return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
+                          capture_output=True, timeout=300,
+                          env={**os.environ, 'XLA_FLAGS': ' '.join(flags)}).returncode == 0
+
+  if accepted(candidates):  # one probe in the usual case
+    return list(candidates)
+  return [flag for flag in candidates if accepted([flag])]
+
+
 def pytest_unconfigure(config):
   for attribute in ('_dynmoe_xla_cache', '_dynmoe_tfds'):
     path = getattr(config, attribute, None)
@@ -62,14 +83,15 @@ def load_config(name: str, *args):
   return config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'), *args)
 
 
-def trained_under_a_budget(router: str, workdir: str, target: float = 1.0):
-  """The tiny job of `router` trained under a budget of `target` experts per token:
-  (the trainer, its last train row)."""
+def trained_under_a_budget(router: str, workdir: str, target: float = 1.0, **budget):
+  """The tiny job of `router` trained under a budget of `target` experts per token (and
+  the other `budget.*` settings given): (the trainer, its last train row)."""
   import json
   from dynmoe_jax import train
   config = load_config('tiny', router)
   config.budget.target_experts_per_token = target
   config.budget.rate = 1.5
+  config.budget.update(budget)
   trainer = train.Trainer(config, workdir)
   trainer.run()
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
