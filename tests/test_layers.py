@@ -196,7 +196,7 @@ class MoELayerTest(parameterized.TestCase):
         # top-any's gradient w.r.t. router inputs is straight-through by design
         # (tested in test_routing), so there only expert params are checked.
         args = (free, x64) if wrt is None else (free,)
-        fn = loss if wrt is None else (lambda free: loss(free, x64))
+        fn = jax.jit(loss if wrt is None else (lambda free: loss(free, x64)))
         jax.test_util.check_grads(fn, args, order=1, modes=['rev'], eps=1e-6,
                                   atol=1e-5, rtol=1e-5)
 

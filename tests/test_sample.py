@@ -16,17 +16,17 @@ def test_cached_decoding_equals_the_full_forward_pass(experts):
   model = lm(experts, max_len=16)
   x = tokens(1, 12)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x)['params'])
-  full = model.apply({'params': params}, x)[0]
+  full = jax.jit(model.apply)({'params': params}, x)[0]
   step = model.clone(decode=True)
   cache = step.init(jax.random.PRNGKey(0), x[:, :1])['cache']
+  decode = jax.jit(lambda cache, x: step.apply({'params': params, 'cache': cache}, x,
+                                               mutable=['cache']))
   # A prompt of 5 positions in one call, then one position per call.
-  (logits, _), state = step.apply({'params': params, 'cache': cache}, x[:, :5],
-                                  mutable=['cache'])
+  (logits, _), state = decode(cache, x[:, :5])
   got = [logits]
   cache = state['cache']
   for t in range(5, 12):
-    (logits, _), state = step.apply({'params': params, 'cache': cache}, x[:, t:t + 1],
-                                    mutable=['cache'])
+    (logits, _), state = decode(cache, x[:, t:t + 1])
     cache = state['cache']
     got.append(logits)
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, rtol=2e-5, atol=2e-5)
