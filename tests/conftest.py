@@ -99,6 +99,23 @@ def trained_under_a_budget(router: str, workdir: str, target: float = 1.0, **bud
   return trainer, [r for r in rows if r['split'] == 'train'][-1]
 
 
+def assert_dispatch_equals_every_expert_on_every_token(router, impl: str, dim: int,
+                                                      num_experts: int):
+  """A layer of `router` on dispatch path `impl`, with room for every pair, computes what
+  running every expert on every token and combining by the router's weights does."""
+  import jax
+  import numpy as np
+  from dynmoe_jax import layers
+  from dynmoe_jax.capacity import Capacity
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, dim))
+  moe = layers.MoE(num_experts=num_experts, hidden_dim=16, router=router,
+                   capacity=Capacity(factor=8.0, eval_factor=8.0), dispatch_impl=impl)
+  variables = moe.init(jax.random.PRNGKey(4), x)
+  y, _ = moe.apply(variables, x, training=True)
+  oracle, _ = moe.clone(dispatch_impl='all_experts_reference').apply(variables, x, training=True)
+  np.testing.assert_allclose(y, oracle, rtol=1e-5, atol=1e-6)
+
+
 def killed_and_resumed(config, workdir: str, kill_after: int):
   """Train in `workdir`, kill the run after step `kill_after` (an exception from the
   step hook, as a crash would), then resume it to the end: (resumed trainer, result)."""

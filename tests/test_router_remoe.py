@@ -10,7 +10,8 @@ from dynmoe_jax import layers, routers
 from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.routers import remoe
 from dynmoe_jax.train import budget as budget_lib
-from tests.conftest import load_config, trained_under_a_budget
+from tests.conftest import (assert_dispatch_equals_every_expert_on_every_token, load_config,
+                            trained_under_a_budget)
 
 T, D, E = 24, 8, 6
 
@@ -69,10 +70,4 @@ def test_remoe_trains_under_a_budget_and_its_weight_moves(tmp_path):
 
 @pytest.mark.parametrize('impl', ['sort', 'einsum', 'ragged'])
 def test_every_dispatch_path_computes_what_every_expert_on_every_token_does(impl):
-  x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, D))
-  moe = layers.MoE(num_experts=E, hidden_dim=16, router='remoe',
-                   capacity=Capacity(factor=8.0, eval_factor=8.0), dispatch_impl=impl)
-  variables = moe.init(jax.random.PRNGKey(4), x)
-  y, _ = moe.apply(variables, x, training=True)
-  oracle, _ = moe.clone(dispatch_impl='all_experts_reference').apply(variables, x, training=True)
-  np.testing.assert_allclose(y, oracle, rtol=1e-5, atol=1e-6)
+  assert_dispatch_equals_every_expert_on_every_token('remoe', impl, D, E)
