@@ -162,3 +162,11 @@ def plan_from_loads(step_loads: np.ndarray, step_tokens: np.ndarray, keep: Seque
   if current and (1.0 - rule.tolerance) * current <= slots <= current:
     slots = current  # too small a saving to pay a recompile for
   return int(slots), int(tokens)
+
+
+def group_slots(slots_for, num_tokens: int, group_size: Optional[int]) -> Tuple[int, int]:
+  """(slots per expert in each routing group, the number of groups) for `num_tokens`
+  tokens routed in groups of `group_size` (None: one group); `slots_for(tokens)` gives a
+  group's slots per expert. The caller checks that the groups divide the tokens."""
+  tokens_per_group = group_size or num_tokens
+  return slots_for(tokens_per_group), num_tokens // tokens_per_group

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dynmoe_jax import capacity as capacity_lib
 from dynmoe_jax import dispatch as dispatch_lib
 from dynmoe_jax import sharding
 
@@ -62,8 +63,8 @@ def expert_parallel_ffn(tokens: jax.Array, mask: jax.Array, weights: jax.Array,
   if group_size is not None and local_tokens % group_size:
     raise ValueError(f'shard_map_a2a: the {local_tokens} tokens of each of {shards} shards do '
                      f'not split into routing groups of group_size={group_size}')
-  capacity = capacity_fn(group_size or local_tokens)
-  slots = capacity * (local_tokens // (group_size or local_tokens))  # a shard's, per expert
+  capacity, groups_per_shard = capacity_lib.group_slots(capacity_fn, local_tokens, group_size)
+  slots = capacity * groups_per_shard  # a shard's, per expert
   has_priority = priority is not None
 
   def local(x, m, w, pr, *params):

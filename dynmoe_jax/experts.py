@@ -20,6 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from dynmoe_jax import capacity as capacity_lib
 from dynmoe_jax import dispatch as dispatch_lib
 from dynmoe_jax import expert_parallel, grouped_matmul, routing, sharding
 
@@ -97,8 +98,7 @@ class Computed:
 def _capacity_path(impl: str):
   def run(routed: Routed, ffn: ExpertFFN) -> Computed:
     num_tokens, width = routed.tokens.shape
-    capacity = routed.capacity(routed.group_size or num_tokens)
-    groups = num_tokens // (routed.group_size or num_tokens)
+    capacity, groups = capacity_lib.group_slots(routed.capacity, num_tokens, routed.group_size)
     expert_inputs, state = dispatch_lib.dispatch_grouped(
         routed.tokens, routed.route.mask, capacity, routed.group_size,
         priority=routed.priority, impl=impl, max_k=routed.max_k)
