@@ -115,4 +115,5 @@ def test_null_experts_train_under_a_budget_and_the_null_weight_moves(tmp_path):
 
 @pytest.mark.parametrize('impl', ['sort', 'einsum', 'ragged'])
 def test_every_dispatch_path_computes_what_every_expert_on_every_token_does(impl):
-  assert_dispatch_equals_every_expert_on_every_token(routers.NullExperts(k=K, num_null=N), impl, D, E)
+  assert_dispatch_equals_every_expert_on_every_token(routers.NullExperts(k=K, num_null=N), impl,
+                                                     D, E)

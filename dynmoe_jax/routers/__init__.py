@@ -31,8 +31,9 @@ NAMES = tuple(REGISTRY)
 # Every parameter name any router creates: the rest of an MoE module is its experts.
 ALL_ROUTER_PARAMS = tuple(sorted({p for spec in REGISTRY.values() for p in spec.router_params}))
 
-__all__ = ['AdaptiveK', 'DTopP', 'ExpertChoice', 'LossTerms', 'NullExperts', 'ReMoE', 'RouterSettings',
-           'RouterSpec', 'TopAny', 'TopK', 'TopP', 'REGISTRY', 'NAMES', 'get', 'resolve']
+__all__ = ['AdaptiveK', 'DTopP', 'ExpertChoice', 'LossTerms', 'NullExperts', 'ReMoE',
+           'RouterSettings', 'RouterSpec', 'TopAny', 'TopK', 'TopP', 'REGISTRY', 'NAMES', 'get',
+           'resolve']
 
 
 def get(name: str) -> RouterSpec:
