@@ -126,7 +126,8 @@ def test_config_builds_the_pi_controller_for_dtop_p():
   config.budget.target_experts_per_token = 1.5
   config.budget.controller = 'pi'
   config_lib.validate(config)
-  b = budget_lib.from_config(config, (0, 4))
+  assert budget_lib.from_config(config, (0, 4)) is None  # the per-layer one stays off
+  b = pi_budget.from_config(config, (0, 4))
   assert isinstance(b, pi_budget.PIBudget)
   assert (b.initial, b.kp, b.ki) == (config.model.moe.dtop_p.p, config.budget.kp,
                                      config.budget.ki)

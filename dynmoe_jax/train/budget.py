@@ -32,13 +32,12 @@ holds that expert.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from dynmoe_jax import config_lib, names, routers
-from dynmoe_jax.train import pi_budget
 
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e2
 MIN_P = 1e-3  # an adapted top-p p: its floor (top-1 for nearly every token) and cap 1
@@ -98,9 +97,7 @@ class Budget:
              ) -> Dict[str, jax.Array]:
     out = {}
     for layer in self.layers:
-      experts = metrics[names.metric_key(layer, 'active_experts')]
-      if self.add_unrouted:
-        experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
+      experts = counted_experts(metrics, layer, self.add_unrouted)
       if self.horizon is not None:
         previous = controls[count_key(layer)]
         first = previous < 0  # no count seen yet: no trend
@@ -138,18 +135,23 @@ class Budget:
     return out
 
 
-def from_config(config, layout: Sequence[int]) -> Union[Budget, pi_budget.PIBudget, None]:
+def counted_experts(metrics: Mapping[str, jax.Array], layer: str, add_unrouted: bool
+                    ) -> jax.Array:
+  """A layer's experts per token as a budget counts them: the step's mean, plus the
+  tokens that activated none where evaluation gives those their top-1 expert."""
+  experts = metrics[names.metric_key(layer, 'active_experts')]
+  if add_unrouted:
+    experts = experts + metrics[names.metric_key(layer, 'unrouted_fraction')]
+  return experts
+
+
+def from_config(config, layout: Sequence[int]) -> Optional[Budget]:
+  """The per-layer controller (`budget.controller='rate'`), or None."""
   settings = config_lib.budget_settings(config)
-  if not settings.enabled:
+  if not settings.enabled or settings.controller != 'rate':
     return None
   router = config_lib.router_settings(config)
   spec = routers.get(router.name)
-  if settings.controller == 'pi':
-    return pi_budget.PIBudget(float(settings.target_experts_per_token),
-                              spec.budget_initial(router), tuple(names.moe_layer_names(layout)),
-                              kp=float(settings.kp), ki=float(settings.ki),
-                              add_unrouted=router.falls_back_in_eval_only(),
-                              control=spec.budget_control)
   return Budget(float(settings.target_experts_per_token), float(settings.rate),
                 spec.budget_control, spec.budget_initial(router),
                 tuple(names.moe_layer_names(layout)),

@@ -1,7 +1,7 @@
-"""The per-step controllers of the MoE layers, together: a compute budget (train.budget)
-and loss-free balancing (train.balance). Their values live in the train state's
-`moe_controls` (outside the optimizer, checkpointed); each step the model's MoE blocks read
-them (`layer_controls`) and they are updated from the step's routing (`update`)."""
+"""The per-step controllers of the MoE layers, together: a compute budget (train.budget, or
+DTop-p's train.pi_budget) and loss-free balancing (train.balance). Their values live in the
+train state's `moe_controls` (outside the optimizer, checkpointed); each step the model's MoE
+blocks read them (`layer_controls`) and they are updated from the step's routing (`update`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +11,7 @@ import jax
 
 from dynmoe_jax.train import balance as balance_lib
 from dynmoe_jax.train import budget as budget_lib
+from dynmoe_jax.train import pi_budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,5 +49,6 @@ class Controllers:
 
 def from_config(config, layout: Sequence[int]) -> Optional[Controllers]:
   parts = tuple(p for p in (budget_lib.from_config(config, layout),
+                            pi_budget.from_config(config, layout),
                             balance_lib.from_config(config, layout)) if p is not None)
   return Controllers(parts) if parts else None

@@ -15,14 +15,14 @@ INTEGRAL_KEY): checkpointed, exact on resume, replicated on a mesh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import names
+from dynmoe_jax import config_lib, names, routers
+from dynmoe_jax.train.budget import MIN_P, counted_experts
 
-MIN_P = 1e-3  # p's floor (top-1 for nearly every token); its cap is 1
 VALUE_KEY, INTEGRAL_KEY = 'pi/p', 'pi/integral'
 
 
@@ -51,12 +51,7 @@ class PIBudget:
 
   def update(self, controls: Mapping[str, jax.Array], metrics: Mapping[str, jax.Array]
              ) -> Dict[str, jax.Array]:
-    counts = []
-    for layer in self.layers:
-      count = metrics[names.metric_key(layer, 'active_experts')]
-      if self.add_unrouted:
-        count = count + metrics[names.metric_key(layer, 'unrouted_fraction')]
-      counts.append(count)
+    counts = [counted_experts(metrics, layer, self.add_unrouted) for layer in self.layers]
     error = (self.target - jnp.mean(jnp.stack(counts))) / self.target
     integral = controls[INTEGRAL_KEY] + error
     raw = self.initial + self.kp * error + self.ki * integral
@@ -64,3 +59,16 @@ class PIBudget:
     winds_up = (raw != value) & (jnp.sign(error) == jnp.sign(raw - value))
     integral = jnp.where(winds_up, controls[INTEGRAL_KEY], integral)
     return {VALUE_KEY: value.astype(jnp.float32), INTEGRAL_KEY: integral.astype(jnp.float32)}
+
+
+def from_config(config, layout: Sequence[int]) -> Optional[PIBudget]:
+  """DTop-p's controller (`budget.controller='pi'`), or None."""
+  settings = config_lib.budget_settings(config)
+  if not settings.enabled or settings.controller != 'pi':
+    return None
+  router = config_lib.router_settings(config)
+  spec = routers.get(router.name)
+  return PIBudget(float(settings.target_experts_per_token), spec.budget_initial(router),
+                  tuple(names.moe_layer_names(layout)), kp=float(settings.kp),
+                  ki=float(settings.ki), add_unrouted=router.falls_back_in_eval_only(),
+                  control=spec.budget_control)
