@@ -135,8 +135,8 @@ def test_no_module_outside_the_registry_switches_on_a_router_name():
 def task_gradients(moe, x, importance=None, params=None):
   """Gradients of a task loss alone (every auxiliary loss weighted 0) w.r.t. the params."""
   if params is None:
-    params = jax.eval_shape(  # the names alone: traced, not run
-        lambda: moe.init(jax.random.PRNGKey(1), x, token_importance=importance))['params']
+    params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x, token_importance=importance)
+                           ['params'])
   target = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
   def loss(p):
