@@ -110,7 +110,7 @@ def check(command) -> list:
         return list(main_problems(argv))
       return list(script_problems(kind, argv))
   except SystemExit:
-    return [stderr.getvalue().strip().splitlines()[-1:] or ['exit']][0]
+    return stderr.getvalue().strip().splitlines()[-1:] or ['exit']
   except Exception as e:  # noqa: BLE001  reported, with the command, by the test
     return [f'{type(e).__name__}: {e}']
 
