@@ -15,6 +15,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'experiments')]
 
+from documented import mesh_devices, parsed_config  # noqa: E402
+
 
 MODULES = {'sample': 'dynmoe_jax.sample'}  # the rest: experiments/<name>.py
 
@@ -64,27 +66,6 @@ def script_problems(script: str, argv):
         yield f'--{field}: {name!r} is not one of {sorted(known)}'
 
 
-def parsed_config(argv):
-  """The config `python -m dynmoe_jax.main argv` runs: main's flags, each command in a
-  FlagValues of its own (config_flags' overrides do not survive absl's unparse_flags)."""
-  import copy
-  from absl import flags
-  from ml_collections import config_flags
-  from dynmoe_jax import main as main_lib
-  values = flags.FlagValues()
-  for flag in flags.FLAGS.get_flags_for_module(main_lib.__name__):
-    if flag.name != 'config':
-      values[flag.name] = copy.deepcopy(flag)
-  default = flags.FLAGS['config'].default_as_str.strip("'")
-  config = config_flags.DEFINE_config_file('config', default, flag_values=values)
-  old_argv, sys.argv = sys.argv, ['main', *argv]  # config_flags reads its overrides there
-  try:
-    values(sys.argv)
-  finally:
-    sys.argv = old_argv
-  return config.value
-
-
 def main_problems(argv):
   from absl import flags
   from dynmoe_jax import config_lib
@@ -93,10 +74,8 @@ def main_problems(argv):
   except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
     yield f'{type(e).__name__}: {e}'
     return
-  mesh = config.mesh
-  devices = max(1, mesh.data) * max(1, mesh.expert) * max(1, mesh.model)
   try:
-    config_lib.validate(config, num_devices=devices)
+    config_lib.validate(config, num_devices=mesh_devices(config))
   except config_lib.ConfigError as e:
     yield str(e)
 

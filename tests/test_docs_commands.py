@@ -2,14 +2,12 @@
 target exists; a training command's flags parse and its config, with every override,
 validates; an experiment's arguments parse and name routers, tasks and runs the script has
 (tests/docs_commands_worker.py). Commands with placeholders a reader fills in are listed
-apart. The README's example, the upcycling commands, the NNX example and device_check
---smoke are also run as written, at small sizes (test_readme.py, test_nnx_layers.py,
-test_experiments.py)."""
-import glob
+apart. experiments/docs_commands.py runs every one at small sizes (too long for the suite:
+its plan is tested here, and one chain of commands run); the README's example, the
+upcycling commands, the NNX example and device_check --smoke run here as written
+(test_readme.py, test_nnx_layers.py, test_experiments.py)."""
 import json
 import os
-import re
-import shlex
 import subprocess
 import sys
 
@@ -17,79 +15,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-DOCS = ('README.md', 'docs/*.md', 'experiments/results/*.md')
-# A word a reader replaces before running the command.
-# What a reader fills in, filled in (then the rest of the command is checked) ...
-FILLED_IN = (('--config=CONFIG', '--config=configs/tiny.py'), ('CHIP[-N]', 'v5e-8'),
-             ('$HOST0', 'localhost'), ('=$N', '=2'), ('=$I', '=0'),
-             ('gs://$BUCKET', '/tmp/bucket'), ('=DIR', '=/tmp/run'), ('.seed=N', '.seed=1'))
-# ... and what is left of a placeholder: not checked.
-PLACEHOLDERS = re.compile(r'\$|\.\.\.')
-# Installing and logging in: what `make` does here, or a TPU VM's own set-up.
-SETUP = ('gcloud ', 'cd ', 'pip ', '.venv/bin/pip ')
-MAKE_TARGETS = ('install', 'train', 'test', 'test-fast', 'bench', 'clean')
-
-
-def documented_commands():
-  """(where, command) for each command line of a bash block and each inline command."""
-  found = []
-  for pattern in DOCS:
-    for path in sorted(glob.glob(os.path.join(ROOT, pattern))):
-      text = open(path).read()
-      where = os.path.relpath(path, ROOT)
-      for block in re.findall(r'```(?:bash|sh)\n(.*?)```', text, flags=re.S):
-        for line in shell_lines(block):
-          found.extend((where, part.strip()) for part in remote_commands(line))
-      for span in re.findall(r'`((?:make |python |\.venv/bin/python )[^`]*)`', text):
-        found.append((where, ' '.join(span.split())))
-  return found
-
-
-def shell_lines(block: str):
-  """A bash block's commands: continuations and lines inside an open quote joined,
-  comments dropped."""
-  pending = ''
-  for line in block.replace('\\\n', ' ').splitlines():
-    line = f"{pending} {re.sub(r'[ ]+#.*$', '', line)}".strip()
-    if line.count('"') % 2:
-      pending = line
-      continue
-    pending = ''
-    if line and not line.startswith('#'):
-      yield line.strip()
-
-
-def remote_commands(line: str):
-  """`gcloud ... --command="a && b"`: the commands it runs there (a, b); else the line."""
-  match = re.match(r'gcloud .*--command="(.*)"$', line)
-  return [line] if match is None else match.group(1).split('&&')
-
-
-def classify(where, line):
-  """{where, kind, argv} of a command this file checks, or (kind, reason) of one it does not."""
-  for placeholder, value in FILLED_IN:
-    line = line.replace(placeholder, value)
-  if PLACEHOLDERS.search(line):
-    return 'placeholder', line
-  if line.startswith(SETUP):
-    return 'setup', line
-  words = shlex.split(line)
-  if words[0] == 'make':
-    assert words[1] in MAKE_TARGETS, (where, line)
-    if words[1] != 'train':
-      return 'make', line
-    settings = dict(w.split('=', 1) for w in words[2:])
-    argv = [f"--config={settings.get('CONFIG', 'configs/mnist1d_dynmoe.py')}",
-            *shlex.split(settings.get('ARGS', ''))]
-    return {'where': where, 'kind': 'main', 'argv': argv}
-  if words[0] in ('python', '.venv/bin/python'):
-    if words[1:3] == ['-m', 'dynmoe_jax.main']:
-      return {'where': where, 'kind': 'main', 'argv': words[3:]}
-    if words[1:3] == ['-m', 'dynmoe_jax.sample']:
-      return {'where': where, 'kind': 'sample', 'argv': words[3:]}
-    if words[1].startswith('experiments/') and words[1].endswith('.py'):
-      return {'where': where, 'kind': os.path.basename(words[1])[:-3], 'argv': words[2:]}
-  return 'other', line
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+from documented import classify, documented_commands  # noqa: E402
 
 
 def checked(commands, tmp_path, name):
@@ -140,3 +67,53 @@ def test_a_broken_command_is_reported(tmp_path):
 def test_commands_are_classified(line, kind):
   got = classify('x.md', line)
   assert (got['kind'] if isinstance(got, dict) else got[0]) == kind
+
+
+@pytest.fixture(scope='module')
+def runner():
+  import docs_commands
+  return docs_commands
+
+
+def test_every_documented_command_is_run_at_a_small_size_or_said_why_not(runner, tmp_path):
+  commands = documented_commands()
+  runs, not_run = runner.plan(commands)
+  runner.place(runs, str(tmp_path))
+  assert [r.problem for r in runs if r.problem] == []
+  # every command is run (once: repeats are listed as `also`) or said why not
+  assert len(runs) + sum(len(r.also) for r in runs) + len(not_run) == len(commands)
+  assert {n['why'] for n in not_run} <= set(runner.NOT_RUN.values())
+  for run in runs:
+    command = run.command(0, 0)
+    # what it writes goes under the scratch folder, never into experiments/results/
+    written = [a for a in command if a.startswith(('--workdir=', '--out', 'WORKDIR='))]
+    outs = [command[i + 1] for i, a in enumerate(command) if a == '--out']
+    for path in [w.split('=', 1)[1] for w in written if '=' in w] + outs:
+      assert path.startswith(str(tmp_path)), (run.documented, path)
+    if run.kind not in ('main', 'sample') and '--dry_run' not in command:
+      assert outs, run.documented
+  dry = [r for r in runs if '--dry_run' in r.args]
+  assert dry and not [r for r in dry if set(r.args) & set(runner.MAIN_SMALL)]  # as written
+  multi, = [r for r in runs if r.processes > 1]
+  assert '--cpu_collectives=gloo' in multi.args
+  upcycled, = [r for r in runs if 'init_from' in r.documented]
+  assert runs.index(upcycled) > min(upcycled.needs)
+
+
+def test_sizes_replace_the_flags_a_command_gives(runner):
+  assert runner.with_sizes(['--tasks', 'lm', '--seeds', '0,1,2', '--preset=cpu_long'],
+                           ['--seeds', '0', '--preset', 'smoke']) == [
+      '--tasks', 'lm', '--seeds', '0', '--preset', 'smoke']
+
+
+@pytest.mark.slow
+def test_the_runner_trains_lm_small_and_samples_from_it(tmp_path):
+  out = tmp_path / 'out'
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'docs_commands.py'),
+                         '--only', 'dynmoe_jax.sample', '--out', str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = json.loads((out / 'results.json').read_text())['rows']
+  assert [r['documented'].split()[:2] for r in rows] == [
+      ['make', 'train'], ['python', '-m']] and all(r['ok'] for r in rows)
+  assert (out / 'seconds.png').stat().st_size > 0 and '| ok |' in (out / 'results.md').read_text()
