@@ -104,12 +104,14 @@ def run_summary(workdir: str) -> Dict[str, Any]:
 
 def load_ratio(train_rows, layers, steps: int) -> Dict[str, float]:
   """Per MoE layer, max / min of the experts' mean load over the last `steps` steps (the
-  train rows' windows ending there; loads are shares of routed pairs)."""
+  train rows' windows ending there; loads are shares of routed pairs), counting only the
+  rows of the expert count the run ended with (adaptive experts change it at boundaries)."""
   last = train_rows[-1]['step'] - steps
   window = [r for r in train_rows if r['step'] > last] or train_rows[-1:]
   out = {}
   for layer in layers:
-    load = np.mean([r[names.metric_key(layer, 'expert_load')] for r in window], axis=0)
+    loads = [r[names.metric_key(layer, 'expert_load')] for r in window]
+    load = np.mean([l for l in loads if len(l) == len(loads[-1])], axis=0)
     out[layer] = float(load.max() / max(load.min(), 1e-6))
   return out
 

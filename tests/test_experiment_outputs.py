@@ -39,3 +39,16 @@ def test_the_scratch_folder_is_ignored_by_git():
   import common
   scratch = os.path.relpath(common.scratch_out('x'), ROOT)
   assert scratch.split(os.sep)[0] + '/' in open(os.path.join(ROOT, '.gitignore')).read()
+
+
+def test_load_ratio_counts_only_the_layout_the_run_ended_with():
+  # adaptive experts: a boundary inside the window changed the expert count (2 -> 3); the
+  # steps before it have another number of loads and are left out
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import common
+  key = 'moe/layer_1/expert_load'
+  rows = [{'step': 10, key: [0.5, 0.5]}, {'step': 20, key: [0.6, 0.4]},
+          {'step': 30, key: [0.5, 0.3, 0.2]}, {'step': 40, key: [0.5, 0.2, 0.3]}]
+  assert common.load_ratio(rows, ['layer_1'], 100) == {'layer_1': pytest.approx(0.5 / 0.25)}
+  assert common.load_ratio(rows[:2], ['layer_1'], 100) == {'layer_1': pytest.approx(0.55 / 0.45)}
