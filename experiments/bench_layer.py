@@ -132,6 +132,9 @@ def main():
   parser.add_argument('--out', default=common.scratch_out('bench_layer'),
                       help=common.OUT_HELP)
   args = parser.parse_args()
+  uneven = [g for g in args.group_sizes if g <= 0 or args.tokens % g]
+  if uneven:
+    parser.error(f'--group_sizes {uneven} do not divide --tokens {args.tokens} into groups')
 
   rng = jax.random.PRNGKey(0)
   x = jax.random.normal(rng, (args.tokens, args.dim), jnp.float32)
