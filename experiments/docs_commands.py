@@ -40,6 +40,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import common
 from documented import (NOT_RUN, ROOT, classify, documented_commands, filled_in, make_settings,
                         mesh_devices, parsed_config)
 
@@ -52,7 +53,7 @@ SMALL = {
     'compare_routers': ['--preset', 'smoke', '--seeds', '0', '--timing_rounds', '1',
                         '--timing_steps', '2'],
     'mnist1d_experts': ['--steps', '10', '--adaptive_every', '5', '--seeds', '0'],
-    'bench_layer': ['--tokens', '256', '--dim', '32', '--hidden', '64', '--reps', '1'],
+    'bench_layer': ['--tokens', '1024', '--dim', '32', '--hidden', '64', '--reps', '1'],
     'bench_scaling': ['--tokens', '256', '--dim', '32', '--hidden', '64', '--reps', '1'],
     'bench_sharding': ['--tokens', '256', '--dim', '32', '--hidden', '64', '--reps', '1'],
     'mesh_matrix': ['--steps', '4'],
@@ -182,9 +183,10 @@ def plan(commands: Sequence[Tuple[str, str]]) -> Tuple[List[Run], List[dict]]:
     for placeholder, value in RUN_FILLED_IN:
       line = line.replace(placeholder, value)
     command = classify(where, line)
-    if not isinstance(command, dict):
+    kind = command['kind'] if isinstance(command, dict) else command[0]
+    if not isinstance(command, dict) or kind in NOT_RUN:
       not_run.append({'where': where, 'documented': documented,
-                      'why': NOT_RUN.get(command[0], 'not a command this script knows')})
+                      'why': NOT_RUN.get(kind, 'not a command this script knows')})
       continue
     run = planned(command, filled_in(line))
     run.documented = documented
@@ -299,8 +301,7 @@ def plot(rows: Sequence[dict], path: str):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default=os.path.join(ROOT, 'workdir', 'experiments',
-                                                    'docs_commands'),
+  parser.add_argument('--out', default=common.scratch_out('docs_commands'),
                       help='where results.json, results.md and seconds.png go')
   parser.add_argument('--only', default='',
                       help='comma-separated words: run the commands whose line holds one')

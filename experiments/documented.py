@@ -24,7 +24,7 @@ PLACEHOLDERS = re.compile(r'\$|\.\.\.')
 SETUP = ('gcloud ', 'cd ', 'pip ', '.venv/bin/pip ')
 MAKE_TARGETS = ('install', 'train', 'test', 'test-fast', 'bench', 'clean')
 NOT_RUN = {'make': 'the test suite (what .ci/run runs)', 'setup': 'installation',
-           'placeholder': 'a placeholder, nothing to run'}
+           'placeholder': 'a placeholder, nothing to run', 'docs_commands': 'this runner itself'}
 
 
 # ----------------------------------------------------------------------------- extraction
