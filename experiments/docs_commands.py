@@ -18,7 +18,7 @@ Not run: `make test`/`make test-fast` (the suite: `.ci/run`), installation lines
 
   python experiments/docs_commands.py                 # every command (~35 minutes, 2 cores)
   python experiments/docs_commands.py --list          # what would run, nothing run
-  python experiments/docs_commands.py --only sample,upcycl   # commands containing a word
+  python experiments/docs_commands.py --only sample,upcycl,24   # commands holding a word
 
 Writes OUT/results.json, OUT/results.md and OUT/seconds.png; exits 1 if a command failed.
 The same extraction checks every command's flags in the test suite
@@ -304,7 +304,8 @@ def main(argv=None):
   parser.add_argument('--out', default=common.scratch_out('docs_commands'),
                       help='where results.json, results.md and seconds.png go')
   parser.add_argument('--only', default='',
-                      help='comma-separated words: run the commands whose line holds one')
+                      help="comma-separated words or numbers (--list's): run the commands "
+                           'whose line holds one, and those whose output they read')
   parser.add_argument('--list', action='store_true', help='print what would run; run nothing')
   parser.add_argument('--timeout', type=float, default=1800, help='seconds per command')
   parser.add_argument('--keep_runs', default=None,
@@ -319,7 +320,8 @@ def main(argv=None):
         tempfile.TemporaryDirectory(prefix='docs_commands_')) as scratch:
     place(runs, scratch)
     picked = {n for n, r in enumerate(runs)
-              if not words or any(w in r.documented or w == r.kind for w in words)}
+              if not words or any(w == str(n) if w.isdigit() else w in r.documented or w == r.kind
+                                  for w in words)}
     picked |= {n for p in picked for n in runs[p].needs}  # and what they read
     chosen = [(n, r) for n, r in enumerate(runs) if n in picked]
     if not chosen:
