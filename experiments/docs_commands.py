@@ -264,18 +264,25 @@ def execute(run: Run, log_path: str, timeout: float) -> dict:
 
 
 def row(number: int, run: Run, result: dict) -> dict:
-  return {'number': number, 'where': run.where, 'documented': run.documented, 'also': run.also,
+  return {'number': number, 'where': run.where, 'kind': run.kind, 'documented': run.documented,
+          'also': run.also,
           'ran': shlex.join(run.command(0, 0)).replace(sys.executable, 'python'),
           'processes': run.processes, 'env': run.env, **result,
           'ok': result['returncode'] == 0}
+
+
+def error_line(tail: Sequence[str]) -> str:
+  """The line of a failed command's output that names the error (not make's or JAX's
+  trailer)."""
+  named = [l for l in tail if re.match(r'(\w+(Error|Exception)\b|error:|\S+: error:)', l)]
+  return (named or [l for l in tail if not l.startswith('make: ***')] or list(tail) or ['?'])[-1]
 
 
 def markdown(rows: Sequence[dict], not_run: Sequence[dict]) -> str:
   lines = ['| # | where | command (as documented) | seconds | result |',
            '|---|---|---|---:|---|']
   for r in rows:
-    why = [l for l in r['tail'] if not l.startswith('make: ***')] or r['tail']
-    result = 'ok' if r['ok'] else f"FAILED ({r['returncode']}): {why[-1][:120]}"
+    result = 'ok' if r['ok'] else f"FAILED ({r['returncode']}): {error_line(r['tail'])[:120]}"
     also = f" (also {len(r['also'])} more)" if r['also'] else ''
     lines.append(f"| {r['number']} | {r['where']}{also} | `{r['documented']}` | "
                  f"{r['seconds']:.0f} | {result} |")
@@ -289,7 +296,7 @@ def plot(rows: Sequence[dict], path: str):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
-  ax.barh([f"{r['number']} {r['where'].split('/')[-1]}" for r in rows],
+  ax.barh([f"{r['number']} {r.get('kind', '')} ({r['where'].split('/')[-1]})" for r in rows],
           [r['seconds'] for r in rows], color=['tab:green' if r['ok'] else 'tab:red' for r in rows])
   ax.invert_yaxis()
   ax.set_xlabel('seconds (green: ran, red: failed)')
