@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -245,8 +246,9 @@ def execute(run: Run, log_path: str, timeout: float) -> dict:
   port, start = free_port(), time.time()
   env = {**os.environ, **run.env}
   with open(log_path, 'w') as log:
+    # a session each: a timeout stops the command's own workers too (compare_routers' runs)
     procs = [subprocess.Popen(run.command(i, port), cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for i in range(run.processes)]
     codes = []
     for proc in procs:
@@ -254,7 +256,9 @@ def execute(run: Run, log_path: str, timeout: float) -> dict:
         codes.append(proc.wait(timeout=max(1.0, timeout - (time.time() - start))))
       except subprocess.TimeoutExpired:
         for p in procs:
-          p.kill()
+          with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+          p.wait()
         codes.append('timeout')
         break
   lines = [l for l in open(log_path, errors='replace').read().splitlines() if l.strip()]
@@ -282,7 +286,9 @@ def markdown(rows: Sequence[dict], not_run: Sequence[dict]) -> str:
   lines = ['| # | where | command (as documented) | seconds | result |',
            '|---|---|---|---:|---|']
   for r in rows:
-    result = 'ok' if r['ok'] else f"FAILED ({r['returncode']}): {error_line(r['tail'])[:120]}"
+    result = ('ok' if r['ok'] else f"TIMED OUT after {r['seconds']:.0f} s"
+              if r['returncode'] == 'timeout' else
+              f"FAILED ({r['returncode']}): {error_line(r['tail'])[:120]}")
     also = f" (also {len(r['also'])} more)" if r['also'] else ''
     lines.append(f"| {r['number']} | {r['where']}{also} | `{r['documented']}` | "
                  f"{r['seconds']:.0f} | {result} |")
