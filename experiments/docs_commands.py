@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import common
 from documented import (NOT_RUN, ROOT, classify, documented_commands, filled_in, make_settings,
-                        mesh_devices, parsed_config)
+                        parsed_config)
+from dynmoe_jax import dryrun
 
 # ----------------------------------------------------------------------------- planning
 
@@ -168,7 +169,7 @@ def _main_sizes_and_devices(run: Run):
     run.args = [re.sub(r':\d+$', ':{port}', a) if _flag(a) == '--coordinator_address' else
                 '--process_id={process_id}' if _flag(a) == '--process_id' else a
                 for a in run.args] + ['--cpu_collectives=gloo']
-  devices = mesh_devices(config) // processes
+  devices = dryrun.devices_needed(config, None) // processes
   if devices > 1:
     run.env['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                             f' --xla_force_host_platform_device_count={devices}').strip()

@@ -123,8 +123,3 @@ def parsed_config(argv: Sequence[str]):
     sys.argv = old_argv
   return config.value
 
-
-def mesh_devices(config) -> int:
-  """Devices the config's mesh asks for (an axis of -1 takes what is there: 1 here)."""
-  mesh = config.mesh
-  return max(1, mesh.data) * max(1, mesh.expert) * max(1, mesh.model)

@@ -15,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'experiments')]
 
-from documented import mesh_devices, parsed_config  # noqa: E402
+from documented import parsed_config  # noqa: E402
 
 
 MODULES = {'sample': 'dynmoe_jax.sample'}  # the rest: experiments/<name>.py
@@ -68,14 +68,14 @@ def script_problems(script: str, argv):
 
 def main_problems(argv):
   from absl import flags
-  from dynmoe_jax import config_lib
+  from dynmoe_jax import config_lib, dryrun
   try:
     config = parsed_config(argv)
   except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
     yield f'{type(e).__name__}: {e}'
     return
   try:
-    config_lib.validate(config, num_devices=mesh_devices(config))
+    config_lib.validate(config, num_devices=dryrun.devices_needed(config, None))
   except config_lib.ConfigError as e:
     yield str(e)
 

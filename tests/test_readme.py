@@ -10,9 +10,11 @@ import pytest
 
 from tests.conftest import ROOT, run_main
 
-SHORT = ['--config.num_train_steps=6', '--config.log_every=3', '--config.eval_every=6',
-         '--config.checkpoint_every=6', '--config.eval_batch_size=100',
-         '--config.progress_bar=False', '--config.model.num_layers=2']
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+from docs_commands import CLASSIFIER_SMALL, MAIN_SMALL  # noqa: E402
+from documented import make_settings, shell_lines  # noqa: E402
+
+SHORT = MAIN_SMALL + CLASSIFIER_SMALL  # the small size docs_commands.py runs MNIST-1D jobs at
 
 
 def code_blocks(path: str, language: str):
@@ -31,14 +33,12 @@ def test_the_readme_python_example_runs(tmp_path):
 def make_train_commands(block: str):
   """`make train CONFIG=... WORKDIR=... ARGS="..."` lines -> (config, workdir, args)."""
   commands = []
-  for line in block.replace('\\\n', ' ').splitlines():
+  for line in shell_lines(block):
     words = shlex.split(line)
-    if words[:2] != ['make', 'train']:
-      continue
-    settings = dict(w.split('=', 1) for w in words[2:])
-    config = settings.get('CONFIG', 'configs/mnist1d_dynmoe.py')
-    workdir = settings.get('WORKDIR', f'workdir/{os.path.basename(config)[:-3]}')
-    commands.append((config, workdir, shlex.split(settings.get('ARGS', ''))))
+    if words[:2] == ['make', 'train']:
+      settings = make_settings(words)
+      commands.append((settings['CONFIG'], settings['WORKDIR'],
+                       shlex.split(settings.get('ARGS', ''))))
   return commands
 
 
