@@ -80,7 +80,7 @@ def grouped_expert_parallel():
                                 router=routers.TopK(k=2, priority='batch'),
                                 capacity=Capacity(slots=1, group_size=4), dispatch_impl=impl)
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 12))
-  params = moe('sort').init(jax.random.PRNGKey(1), x)
+  params = jax.jit(moe('sort').init)(jax.random.PRNGKey(1), x)  # eagerly: ~200 small compiles
   out = {}
   with jax.set_mesh(sharding.make_mesh(2, 4, 1)):
     for impl in ('sort', 'shard_map_a2a'):

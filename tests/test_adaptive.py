@@ -158,7 +158,8 @@ def test_resize_keeps_values_and_moments_of_kept_experts(init):
   moe, x, boxed, params = init_moe()
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
   opt_state = tx.init(params)
-  grads = jax.grad(lambda p: jnp.sum(moe.apply({'params': p}, x, training=True)[0] ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(moe.apply({'params': p}, x, training=True)[0] ** 2)))(
+      params)
   _, opt_state = tx.update(grads, opt_state, params)  # non-zero moments
   plan, layer = make_plan(moe, boxed, params, record([3, 0, 2, 1], 5, np.ones(D)),
                           new_expert_init=init)

@@ -55,6 +55,7 @@ def test_the_nnx_layer_has_the_linen_layers_gradients():
     np.testing.assert_allclose(grads['layer'][name], value, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.slow  # trains for 100 steps in a fresh process: an end-to-end run
 def test_the_manuals_nnx_model_trains_with_nnx_jit_and_its_loss_falls(tmp_path):
   import os
   import subprocess

@@ -142,7 +142,7 @@ def task_gradients(moe, x, importance=None, params=None):
   def loss(p):
     y, _ = moe.apply({'params': p}, x, training=True, token_importance=importance)
     return jnp.sum(y * target)
-  return params, jax.grad(loss)(params)
+  return params, jax.jit(jax.grad(loss))(params)
 
 
 def norm(tree):
