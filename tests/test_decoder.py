@@ -64,7 +64,7 @@ def test_no_token_sees_the_future(experts):
   # earlier one's slot).
   model = lm(experts)
   x = tokens()
-  params = model.init(jax.random.PRNGKey(0), x)['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x)['params']  # its apply is jitted too
 
   def logits_at(delta, t):
     def add_delta(next_fun, args, kwargs, context):
@@ -88,7 +88,7 @@ def test_bf16_step_is_finite_and_close_to_float32():
   x = tokens(4, 16)
   loss = lambda model: lambda p: optax_ce(model.apply({'params': p}, x, training=True), x)
   f32, bf16 = lm(), lm(dtype=jnp.bfloat16)
-  params = nn.meta.unbox(f32.init(jax.random.PRNGKey(0), x)['params'])
+  params = nn.meta.unbox(jax.jit(f32.init)(jax.random.PRNGKey(0), x)['params'])
   l32, g32 = jax.jit(jax.value_and_grad(loss(f32)))(params)
   l16, g16 = jax.jit(jax.value_and_grad(loss(bf16)))(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g16))

@@ -15,10 +15,10 @@ from tests.test_decoder import lm, tokens
 def test_cached_decoding_equals_the_full_forward_pass(experts):
   model = lm(experts, max_len=16)
   x = tokens(1, 12)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x)['params'])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)['params'])
   full = jax.jit(model.apply)({'params': params}, x)[0]
   step = model.clone(decode=True)
-  cache = step.init(jax.random.PRNGKey(0), x[:, :1])['cache']
+  cache = jax.jit(step.init)(jax.random.PRNGKey(0), x[:, :1])['cache']
   decode = jax.jit(lambda cache, x: step.apply({'params': params, 'cache': cache}, x,
                                                mutable=['cache']))
   # A prompt of 5 positions in one call, then one position per call.
@@ -34,14 +34,14 @@ def test_cached_decoding_equals_the_full_forward_pass(experts):
 
 def test_generate_is_greedy_at_temperature_zero_and_counts_experts():
   model = lm((0, 4), max_len=32).clone(decode=True)
-  params = nn.meta.unbox(lm((0, 4)).init(jax.random.PRNGKey(0), tokens())['params'])
+  params = nn.meta.unbox(jax.jit(lm((0, 4)).init)(jax.random.PRNGKey(0), tokens())['params'])
   prompt = sample.encode('def f(')
   out, experts = sample.generate(model, params, prompt, 10, temperature=0.0)
   assert out.shape == (16,) and experts.shape == (16, 1)
   np.testing.assert_array_equal(out[:6], prompt)
   assert (experts[:-1] >= 1).all() and experts[-1, 0] == -1  # eval mode: >= 1 expert
   # Greedy: each new token is the argmax of the full forward pass over what precedes it.
-  full = lm((0, 4), max_len=32).apply({'params': params}, jnp.asarray(out)[None])[0][0]
+  full = jax.jit(lm((0, 4), max_len=32).apply)({'params': params}, jnp.asarray(out)[None])[0][0]
   for i in range(6, 16):
     assert out[i] == int(jnp.argmax(full[i - 1].at[0].set(-jnp.inf)))
   with pytest.raises(ValueError, match='exceeds the model'):
@@ -62,7 +62,7 @@ def test_generate_routes_with_a_budgets_controls():
              capacity=Capacity(factor=8.0, eval_factor=8.0))
   model = decoder.DecoderLM(num_layers=2, dim=32, num_heads=2, mlp_dim=64,
                             experts_per_layer=(0, 4), moe=moe, vocab_size=V, max_len=32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens())['params'])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens())['params'])
   prompt = sample.encode('def f(')
   counts = {}
   for p in (1e-3, 1.0):  # top-1 for every token / every expert of 4

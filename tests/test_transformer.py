@@ -23,25 +23,26 @@ def model(**kw):
 def test_patch_stem_and_cls_pooling():
   m = model(stem='patch', stem_stride=4, pool='cls')
   images = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 3))
-  variables = m.init(jax.random.PRNGKey(1), images)
-  logits, aux = m.apply(variables, images)
+  variables = jax.jit(m.init)(jax.random.PRNGKey(1), images)
+  logits, aux = jax.jit(m.apply)(variables, images)
   assert logits.shape == (2, 5) and set(aux['moe']) == {'layer_1'}
   assert nn.meta.unbox(variables['params']['cls']).shape == (1, 1, 16)
   # cls pooling reads token 0: 4 patches + the cls token go through the blocks
-  _, state = m.apply(variables, images, mutable=['intermediates'])
+  _, state = jax.jit(lambda v, x: m.apply(v, x, mutable=['intermediates']))(variables, images)
   assert state['intermediates']['layer_1']['moe']['active_experts_per_token'].shape == (2, 5)
 
 
 def test_embed_stem_masks_padding_keys():
   m = model(stem='embed', vocab_size=11, experts_per_layer=(0, 0))
   ids = jnp.array([[3, 4, 5, 0, 0]])
-  variables = m.init(jax.random.PRNGKey(0), ids)
+  variables = jax.jit(m.init)(jax.random.PRNGKey(0), ids)
+  apply = jax.jit(m.apply)
   # padding (id 0) is neither attended to nor pooled: more of it changes nothing
   longer = jnp.concatenate([ids, jnp.zeros((1, 3), ids.dtype)], axis=1)
-  np.testing.assert_allclose(m.apply(variables, ids)[0], m.apply(variables, longer)[0],
+  np.testing.assert_allclose(apply(variables, ids)[0], apply(variables, longer)[0],
                              rtol=1e-5, atol=1e-6)
   # and a real token in its place does change the logits
-  assert not np.allclose(m.apply(variables, ids)[0], m.apply(variables, ids.at[0, 4].set(7))[0])
+  assert not np.allclose(apply(variables, ids)[0], apply(variables, ids.at[0, 4].set(7))[0])
 
 
 def test_token_importance_is_the_mean_attention_received():
@@ -58,7 +59,7 @@ def test_token_importance_is_the_mean_attention_received():
 def test_lm_is_causal():
   m = model(task='lm', stem='embed', vocab_size=11, experts_per_layer=(0, 4))
   ids = jnp.array([[1, 2, 3, 4, 5, 6]])
-  variables = m.init(jax.random.PRNGKey(0), ids)
+  variables = jax.jit(m.init)(jax.random.PRNGKey(0), ids)  # its apply is jitted too
   embed = variables['params']['stem']['embed']['embedding']
 
   def logits_at(position, table):
