@@ -33,7 +33,7 @@ PYTEST := $(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 test: $(STAMP)
 	$(PYTEST) --durations=15 tests
 
-# Everything but the end-to-end runs (marked slow): about 3 minutes on 2 cores.
+# Everything but the end-to-end runs (marked slow): about 2.5 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow" tests
 
