@@ -187,8 +187,8 @@ class MoELayerTest(parameterized.TestCase):
                   param_dtype=jnp.float64)
       with jax.enable_x64(True):
         x64 = x.astype(jnp.float64)
-        params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                              nn.meta.unbox(jax.jit(moe.init)(jax.random.PRNGKey(0), x64)['params']))
+        boxed = jax.jit(moe.init)(jax.random.PRNGKey(0), x64)['params']
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), nn.meta.unbox(boxed))
         fixed = {k: v for k, v in params.items() if wrt is not None and k not in wrt}
         free = {k: v for k, v in params.items() if k not in fixed}
 
