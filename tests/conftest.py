@@ -125,6 +125,15 @@ def assert_dispatch_equals_every_expert_on_every_token(router, impl: str, dim: i
   np.testing.assert_allclose(y, oracle, rtol=1e-5, atol=1e-6)
 
 
+def squared_output_grads(moe, params, x):
+  """Gradients of sum(y ** 2), y the training output of the layer `moe`, w.r.t. its params;
+  jitted (eagerly every op of the backward pass would be a compile of its own)."""
+  import jax
+  import jax.numpy as jnp
+  return jax.jit(jax.grad(
+      lambda p: jnp.sum(moe.apply({'params': p}, x, training=True)[0] ** 2)))(params)
+
+
 def killed_and_resumed(config, workdir: str, kill_after: int):
   """Train in `workdir`, kill the run after step `kill_after` (an exception from the
   step hook, as a crash would), then resume it to the end: (resumed trainer, result)."""

@@ -13,7 +13,7 @@ import pytest
 from dynmoe_jax import adaptive, capacity, config_lib, layers, routers, routing, train
 from dynmoe_jax.capacity import Capacity
 from dynmoe_jax.layout import Layout
-from tests.conftest import killed_and_resumed, load_config
+from tests.conftest import killed_and_resumed, load_config, squared_output_grads
 
 E, D, F, T = 4, 8, 16, 64
 
@@ -158,8 +158,7 @@ def test_resize_keeps_values_and_moments_of_kept_experts(init):
   moe, x, boxed, params = init_moe()
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
   opt_state = tx.init(params)
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(moe.apply({'params': p}, x, training=True)[0] ** 2)))(
-      params)
+  grads = squared_output_grads(moe, params, x)
   _, opt_state = tx.update(grads, opt_state, params)  # non-zero moments
   plan, layer = make_plan(moe, boxed, params, record([3, 0, 2, 1], 5, np.ones(D)),
                           new_expert_init=init)

@@ -13,7 +13,7 @@ from dynmoe_jax.routers import dtop_p
 from dynmoe_jax.train import budget as budget_lib
 from dynmoe_jax.train import pi_budget
 from tests.conftest import (assert_dispatch_equals_every_expert_on_every_token, load_config,
-                            trained_under_a_budget)
+                            squared_output_grads, trained_under_a_budget)
 
 T, D, E = 24, 8, 6
 
@@ -56,8 +56,7 @@ def test_the_layer_routes_top_p_over_the_normalised_logits_and_learns_its_temper
   want = reference_top_p(np.asarray(dtop_p.normalized_logits(jnp.asarray(logits), 1.5)), 0.5)
   active = state['intermediates']['active_experts_per_token']
   np.testing.assert_array_equal(np.asarray(active).reshape(-1), want.sum(-1))
-  grads = jax.jit(jax.grad(
-      lambda p: jnp.sum(moe.apply({'params': p}, x, training=True)[0] ** 2)))(params)
+  grads = squared_output_grads(moe, params, x)
   assert abs(float(grads['logit_scale'])) > 1e-6  # the temperature trains from the task
 
 
